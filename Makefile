@@ -1,0 +1,99 @@
+# Fluke re-identification pipeline.  `make all` = set up .venv, build the demo competition if
+# RAW has none, then run the stages 00..06, each only when its inputs changed.
+#   make all PROFILE=full RAW=/data/humpback DATA=/scratch/run1 SET="train.epochs=3"
+#   make 04 MODEL=lite0_128          # rerun one stage (one member)
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PROFILE ?= demo
+CONFIG  ?= configs/$(PROFILE).yaml
+RAW     ?= data/raw
+DATA    ?= data
+SET     ?=
+MODEL   ?=
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+VENV_OK := $(VENV)/.stamp
+
+ARGS := --raw $(RAW) --data $(DATA) --config $(CONFIG) $(foreach s,$(SET),--set $(s))
+CFG  := $(DATA)/.config
+STAGES := 00 01 02 03 04 05 06
+STAMPS := $(foreach s,demo $(STAGES),$(CFG)/$(s).json)
+
+# ---- outputs that mark each stage done (names mirror common/paths.py) -------------------------
+OUT_00 := $(DATA)/clean/report.json
+OUT_01 := $(DATA)/detector/metrics.json
+OUT_02 := $(DATA)/crops/crops.csv
+OUT_03 := $(DATA)/models/pretrain/summary.json
+OUT_04 := $(DATA)/models/summary.json
+OUT_05 := $(DATA)/pseudo/report.json
+OUT_06 := $(DATA)/submission/submission.csv
+
+.PHONY: help all setup test bench clean demo predict tensorboard FORCE $(STAGES)
+
+help:  ## list targets
+	@echo "Usage: make <target> [PROFILE=demo|full|tiny] [RAW=dir] [DATA=dir] [SET=\"key=value ...\"] [MODEL=name]"
+	@echo
+	@grep -E '^[0-9a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+	@echo "00..06  rerun one stage now (04/05 accept MODEL=name)"
+
+all: $(OUT_06)  ## set up, build the demo if needed, run every stale stage, write the submission
+	@echo "submission: $(OUT_06)"
+
+setup: $(VENV_OK)  ## create .venv from requirements.txt (once; redone when requirements change)
+
+$(VENV_OK): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	@touch $@
+
+# Per-stage config fingerprints: rewritten only when the sections a stage reads change.
+$(STAMPS) &: FORCE | $(VENV_OK)
+	@$(PY) -m common.config $(ARGS) --stamps
+
+demo: $(RAW)/train.csv  ## build the embedded demo competition into RAW (only when it has none)
+
+$(RAW)/train.csv: | $(VENV_OK) $(CFG)/demo.json
+	@if [ "$(abspath $(RAW))" != "$(abspath data/raw)" ] && [ -z "$(FORCE_DEMO)" ]; then \
+	  echo "error: no competition at $(RAW) (train.csv missing). Point RAW at a Kaggle-layout folder," \
+	       "or omit RAW to use the demo competition in data/raw." >&2; exit 2; fi
+	$(PY) -m common.demo_data --out $(RAW) --config $(CONFIG) $(foreach s,$(SET),--set $(s))
+
+$(OUT_00): 00_clean_data.py $(RAW)/train.csv $(CFG)/00.json | $(VENV_OK)
+	$(PY) 00_clean_data.py $(ARGS)
+$(OUT_01): 01_train_detector.py $(OUT_00) $(wildcard $(RAW)/boxes.csv) $(CFG)/01.json | $(VENV_OK)
+	$(PY) 01_train_detector.py $(ARGS)
+$(OUT_02): 02_crop_flukes.py $(OUT_01) $(OUT_00) $(CFG)/02.json | $(VENV_OK)
+	$(PY) 02_crop_flukes.py $(ARGS)
+$(OUT_03): 03_pretrain_humpback.py $(OUT_02) $(CFG)/03.json | $(VENV_OK)
+	$(PY) 03_pretrain_humpback.py $(ARGS)
+$(OUT_04): 04_train_embed.py $(OUT_03) $(OUT_02) $(CFG)/04.json | $(VENV_OK)
+	$(PY) 04_train_embed.py $(ARGS)
+$(OUT_05): 05_pseudo_label.py $(OUT_04) $(CFG)/05.json | $(VENV_OK)
+	$(PY) 05_pseudo_label.py $(ARGS)
+$(OUT_06): 06_ensemble_submit.py $(OUT_05) $(OUT_04) $(CFG)/06.json | $(VENV_OK)
+	$(PY) 06_ensemble_submit.py $(ARGS)
+
+# `make 04` reruns that stage now, whatever make thinks of its inputs.
+00 01 02 03 06: | $(VENV_OK)
+	$(PY) $(wildcard $@_*.py) $(ARGS)
+04 05: | $(VENV_OK)
+	$(PY) $(wildcard $@_*.py) $(ARGS) $(if $(MODEL),--model $(MODEL))
+
+test: $(VENV_OK)  ## run the test suite (unit tests, doctests, CI-sized stage runs)
+	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules tests common
+
+bench: $(VENV_OK)  ## quality/speed benchmarks on the demo competition (slow; writes bench/results.json)
+	$(PY) tests/benchmarks.py $(ARGS)
+
+predict: $(VENV_OK)  ## top-k database matches for new photos: make predict IMAGES="a.jpg b.jpg"
+	$(PY) 06_ensemble_submit.py $(ARGS) --predict $(IMAGES)
+
+tensorboard: $(VENV_OK)  ## TensorBoard over every training run in DATA/models
+	$(VENV)/bin/tensorboard --logdir $(DATA)/models
+
+clean:  ## remove artifacts (never RAW)
+	rm -rf $(addprefix $(DATA)/,clean detector crops models pseudo embeddings submission .config)
+
+FORCE:

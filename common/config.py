@@ -1,0 +1,231 @@
+"""Configuration: one flat-ish default YAML, profile files that override it, ``key=value`` overrides.
+
+``configs/default.yaml`` holds every default. A profile (``configs/demo.yaml``,
+``configs/full.yaml``, ...) holds only what differs. Command-line ``--set a.b=c`` overrides
+come last; values are parsed as YAML (``3`` is an int, ``[1,2]`` a list, ``null`` None).
+
+>>> cfg = merge({"train": {"epochs": 5, "lr": 0.1}}, {"train": {"epochs": 2}})
+>>> cfg["train"]
+{'epochs': 2, 'lr': 0.1}
+>>> apply_overrides(cfg, ["train.lr=1e-3", "model.size=[1, 2]"])["model"]
+{'size': [1, 2]}
+>>> cfg["train"]["lr"]
+0.001
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = ROOT / "configs"
+DEFAULT_YAML = CONFIG_DIR / "default.yaml"
+
+# Which config sections each stage reads: the Makefile reruns a stage only when these change.
+STAGE_SECTIONS = {
+    "demo": ["demo"],
+    "00": ["seed", "clean"],
+    "01": ["seed", "device", "detector"],
+    "02": ["device", "detector", "crop"],
+    "03": ["seed", "device", "deterministic", "num_workers", "model", "train", "augment", "pretrain", "members"],
+    "04": ["seed", "device", "deterministic", "num_workers", "model", "train", "augment", "members"],
+    "05": ["seed", "device", "deterministic", "num_workers", "model", "train", "augment", "members", "pseudo", "tta"],
+    "06": ["device", "num_workers", "model", "members", "ensemble", "search", "tta"],
+}
+
+
+# Sections a profile replaces wholesale instead of merging into the defaults.
+REPLACE_KEYS = ("members", "ensemble")
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names it."""
+
+
+def merge(base: dict, over: dict) -> dict:
+    """Deep-merge ``over`` into a copy of ``base`` (dicts merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at top level")
+    return data
+
+
+def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
+    """Apply ``a.b.c=value`` strings in place (value parsed as YAML) and return cfg."""
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = cfg
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    return cfg
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
+    """default.yaml, then the profile at ``path`` (a file, or a profile name like ``demo``), then overrides."""
+    cfg = _read_yaml(DEFAULT_YAML)
+    if path:
+        p = Path(path)
+        if not p.exists() and not p.suffix:
+            p = CONFIG_DIR / f"{path}.yaml"
+        if p.resolve() != DEFAULT_YAML.resolve():
+            profile = _read_yaml(p)
+            cfg = merge(cfg, profile)
+            for key in REPLACE_KEYS:  # a profile's member list replaces the default one
+                if key in profile:
+                    cfg[key] = copy.deepcopy(profile[key])
+        cfg["profile"] = p.stem
+    return apply_overrides(cfg, overrides)
+
+
+def member_names(cfg: dict) -> list[str]:
+    """Ensemble members, in config order (those whose entry is not ``null`` / ``enabled: false``)."""
+    return [n for n, m in (cfg.get("members") or {}).items() if m is not None and (m or {}).get("enabled", True)]
+
+
+def member_config(cfg: dict, name: str) -> dict:
+    """Resolved config of one member: ``{"name", "model", "train", "augment", "pseudo": bool, "weight"}``.
+
+    The member's entry in ``members:`` may override any key of ``model``/``train``/``augment``,
+    e.g. ``members: {b: {model: {img_size: 160, dropout: 0.5}, train: {epochs: 4}}}``.
+    """
+    members = cfg.get("members") or {}
+    if name not in members:
+        raise ConfigError(f"unknown member {name!r}; configured members: {', '.join(members) or 'none'}")
+    entry = members[name] or {}
+    out = {
+        "name": name,
+        "seed": cfg.get("seed", 0),
+        "model": merge(cfg.get("model", {}), entry.get("model", {})),
+        "train": merge(cfg.get("train", {}), entry.get("train", {})),
+        "augment": merge(cfg.get("augment", {}), entry.get("augment", {})),
+        "pseudo": bool(entry.get("pseudo", False)),
+        "weight": float((cfg.get("ensemble") or {}).get(name, entry.get("weight", 1.0))),
+    }
+    return out
+
+
+def stage_fingerprint(cfg: dict, stage: str) -> str:
+    """Canonical JSON of the config sections a stage reads."""
+    sections = STAGE_SECTIONS[stage]
+    return json.dumps({k: cfg.get(k) for k in sections}, sort_keys=True, indent=1, default=str)
+
+
+def write_stamps(cfg: dict, stamp_dir: Path, stages=None) -> list[str]:
+    """Write ``stamp_dir/<stage>.json`` only where the stage's config changed (keeps mtimes otherwise)."""
+    from .io import write_text
+
+    changed = []
+    for stage in stages or STAGE_SECTIONS:
+        text = stage_fingerprint(cfg, stage) + "\n"
+        dest = Path(stamp_dir) / f"{stage}.json"
+        if not dest.exists() or dest.read_text() != text:
+            write_text(dest, text)
+            changed.append(stage)
+    return changed
+
+
+def config_hash(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------
+# Command line shared by every stage script
+# ---------------------------------------------------------------------------------------
+def stage_parser(description: str | None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--raw", default=os.environ.get("RAW", "data/raw"), help="raw competition folder (default data/raw)")
+    ap.add_argument("--data", default=os.environ.get("DATA", "data"), help="artifact folder (default data/)")
+    ap.add_argument("--config", default=os.environ.get("CONFIG", "configs/demo.yaml"),
+                    help="profile YAML merged over configs/default.yaml (default configs/demo.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set train.epochs=3 (repeatable)")
+    return ap
+
+
+def parse_stage_args(description: str | None, argv=None, extra=None):
+    """Parse the common stage flags; returns ``(cfg, paths, args)``.
+
+    ``extra(parser)`` may add stage-specific flags. Also prepares the offline environment
+    (must happen before timm / huggingface_hub / ultralytics are imported).
+    """
+    from .paths import Paths
+
+    ap = stage_parser(description)
+    if extra:
+        extra(ap)
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        ap.exit(2, f"error: {e}\n")
+    paths = Paths(args.raw, args.data)
+    prepare_environment(cfg, paths)
+    return cfg, paths, args
+
+
+def prepare_environment(cfg: dict, paths) -> None:
+    """Offline-friendly environment for hub-backed libraries; call before importing them."""
+    offline = bool(cfg.get("offline", True))
+    os.environ["HF_HUB_OFFLINE"] = "1" if offline else os.environ.get("HF_HUB_OFFLINE", "0")
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(paths.yolo_config_dir))
+    os.environ.setdefault("TORCH_HOME", str(paths.data / ".torch"))
+
+
+def main(argv=None) -> int:
+    """``python -m common.config [--stamps] [--show SECTION]``: print or stamp the resolved config."""
+    ap = stage_parser("Print the resolved config, or write per-stage stamps for the Makefile.")
+    ap.add_argument("--stamps", action="store_true", help="write DATA/.config/<stage>.json where changed")
+    ap.add_argument("--show", default=None, help="print one section only")
+    args = ap.parse_args(argv)
+    from .paths import Paths
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.stamps:
+        changed = write_stamps(cfg, Paths(args.raw, args.data).config_stamps)
+        if changed:
+            print(f"config changed for: {' '.join(changed)}")
+        return 0
+    print(yaml.safe_dump(cfg.get(args.show) if args.show else cfg, sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

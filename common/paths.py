@@ -1,0 +1,226 @@
+"""The one place that names every input and artifact path.
+
+Raw competition (read-only, Kaggle Humpback layout)::
+
+    RAW/train.csv            Image,Id  (Id may be new_whale)
+    RAW/train/, RAW/test/    images
+    RAW/boxes.csv            optional fluke boxes (makesense.ai export or Image,x0,y0,x1,y1)
+    RAW/pretrain/train.csv   optional related dataset, same layout
+    RAW/pretrain/train/
+    RAW/.truth/test.csv      optional withheld test truth (Image,Id), demo competition only
+
+Artifacts (DATA, default ``data/``): one folder per stage, see the properties below.
+No stage spells a path itself; everything goes through :class:`Paths`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+SPLITS = ("train", "test", "pretrain")
+
+
+class Paths:
+    def __init__(self, raw="data/raw", data="data"):
+        self.raw = Path(raw).resolve()
+        self.data = Path(data).resolve()
+
+    def __repr__(self) -> str:
+        return f"Paths(raw={str(self.raw)!r}, data={str(self.data)!r})"
+
+    # ---- raw competition -------------------------------------------------------------
+    @property
+    def raw_train_csv(self) -> Path:
+        return self.raw / "train.csv"
+
+    @property
+    def raw_boxes_csv(self) -> Path:
+        return self.raw / "boxes.csv"
+
+    @property
+    def raw_pretrain(self) -> Path:
+        return self.raw / "pretrain"
+
+    @property
+    def raw_pretrain_csv(self) -> Path:
+        return self.raw_pretrain / "train.csv"
+
+    @property
+    def truth_csv(self) -> Path:
+        return self.raw / ".truth" / "test.csv"
+
+    def raw_dir(self, split: str) -> Path:
+        """Folder of raw images for split 'train', 'test' or 'pretrain'."""
+        if split == "pretrain":
+            return self.raw_pretrain / "train"
+        if split in ("train", "test"):
+            return self.raw / split
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+
+    def raw_image(self, split: str, name: str) -> Path:
+        return self.raw_dir(split) / name
+
+    # ---- 00 clean --------------------------------------------------------------------
+    @property
+    def clean_dir(self) -> Path:
+        return self.data / "clean"
+
+    @property
+    def clean_train_csv(self) -> Path:
+        """Usable train images with split flags (Image,Id,val,train_local,train_full)."""
+        return self.clean_dir / "train.csv"
+
+    @property
+    def clean_test_csv(self) -> Path:
+        """Usable test images (Image)."""
+        return self.clean_dir / "test.csv"
+
+    @property
+    def clean_pretrain_csv(self) -> Path:
+        """Usable pretrain images, same columns as clean_train_csv (absent without pretrain/)."""
+        return self.clean_dir / "pretrain.csv"
+
+    @property
+    def clean_report(self) -> Path:
+        return self.clean_dir / "report.json"
+
+    # ---- 01 detector -----------------------------------------------------------------
+    @property
+    def detector_dir(self) -> Path:
+        return self.data / "detector"
+
+    @property
+    def detector_dataset(self) -> Path:
+        """ultralytics dataset (images/{train,val}, labels/{train,val})."""
+        return self.detector_dir / "dataset"
+
+    @property
+    def detector_yaml(self) -> Path:
+        return self.detector_dir / "data.yaml"
+
+    @property
+    def detector_runs(self) -> Path:
+        return self.detector_dir / "runs"
+
+    @property
+    def detector_weights(self) -> Path:
+        return self.detector_dir / "best.pt"
+
+    @property
+    def detector_metrics(self) -> Path:
+        """Written by stage 01 in every case (``{"trained": false, ...}`` without boxes)."""
+        return self.detector_dir / "metrics.json"
+
+    # ---- 02 crops --------------------------------------------------------------------
+    @property
+    def crops_dir(self) -> Path:
+        return self.data / "crops"
+
+    @property
+    def crops_csv(self) -> Path:
+        return self.crops_dir / "crops.csv"
+
+    @property
+    def crops_samples_png(self) -> Path:
+        return self.crops_dir / "samples.png"
+
+    def crop_image(self, split: str, name: str) -> Path:
+        return self.crops_dir / split / name
+
+    def image(self, split: str, name: str, use_crops: bool = True) -> Path:
+        """The image later stages read: the fluke crop when stage 02 made one, else the raw photo."""
+        if use_crops:
+            crop = self.crop_image(split, name)
+            if crop.exists():
+                return crop
+        return self.raw_image(split, name)
+
+    # ---- 03/04 models ----------------------------------------------------------------
+    @property
+    def models_dir(self) -> Path:
+        return self.data / "models"
+
+    @property
+    def pretrain_summary(self) -> Path:
+        """Stage 03 done-marker: JSON with each member's pretrain checkpoint and scores (or skipped)."""
+        return self.models_dir / "pretrain" / "summary.json"
+
+    @property
+    def members_summary(self) -> Path:
+        """Stage 04 done-marker: JSON with each member's best checkpoint and validation scores."""
+        return self.models_dir / "summary.json"
+
+    def pretrain_dir(self, name: str) -> Path:
+        """Run folder of stage 03 for member ``name`` (logs, curves, last.pt)."""
+        return self.models_dir / "pretrain" / name
+
+    def pretrain_ckpt(self, name: str) -> Path:
+        return self.models_dir / "pretrain" / f"{name}.pt"
+
+    def member_dir(self, name: str) -> Path:
+        """Run folder of stage 04 for member ``name``: best.pt, last.pt, history.csv, curves.png,
+        config.json, tb/ (TensorBoard)."""
+        return self.models_dir / name
+
+    def member_ckpt(self, name: str, which: str = "best") -> Path:
+        return self.member_dir(name) / f"{which}.pt"
+
+    # ---- 05 pseudo labels ------------------------------------------------------------
+    @property
+    def pseudo_dir(self) -> Path:
+        return self.data / "pseudo"
+
+    @property
+    def pseudo_csv(self) -> Path:
+        return self.pseudo_dir / "pseudo_labels.csv"
+
+    @property
+    def pseudo_report(self) -> Path:
+        return self.pseudo_dir / "report.json"
+
+    def pseudo_member_dir(self, name: str) -> Path:
+        """Run folder of a member retrained with pseudo labels (same files as member_dir)."""
+        return self.pseudo_dir / "models" / name
+
+    def final_ckpt(self, name: str) -> Path:
+        """Checkpoint stage 06 uses for a member: the pseudo-label retrain when there is one."""
+        p = self.pseudo_member_dir(name) / "best.pt"
+        return p if p.exists() else self.member_ckpt(name)
+
+    # ---- 06 embeddings and submission ------------------------------------------------
+    @property
+    def embeddings_dir(self) -> Path:
+        return self.data / "embeddings"
+
+    def embeddings_file(self, name: str) -> Path:
+        return self.embeddings_dir / f"{name}.npz"
+
+    @property
+    def submission_dir(self) -> Path:
+        return self.data / "submission"
+
+    @property
+    def submission_csv(self) -> Path:
+        return self.submission_dir / "submission.csv"
+
+    @property
+    def submission_ids_csv(self) -> Path:
+        return self.submission_dir / "submission_ids.csv"
+
+    @property
+    def scores_json(self) -> Path:
+        return self.submission_dir / "scores.json"
+
+    @property
+    def gallery_png(self) -> Path:
+        return self.submission_dir / "gallery.png"
+
+    # ---- tool state kept inside the project ------------------------------------------
+    @property
+    def yolo_config_dir(self) -> Path:
+        """ultralytics' settings folder (kept here so it never writes ~/.config)."""
+        return self.data / ".yolo"
+
+    @property
+    def config_stamps(self) -> Path:
+        """Per-stage resolved-config stamps used by the Makefile (see common/config.py)."""
+        return self.data / ".config"
