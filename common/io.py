@@ -89,3 +89,50 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class ImageReadError(OSError):
+    """An image file that cannot be decoded; the message names the file."""
+
+
+def read_image(path, rgb: bool = True):
+    """Read an image as a uint8 HxWx3 array (RGB by default); raise ImageReadError naming the file.
+
+    Truncated JPEG/PNG files that OpenCV half-decodes are rejected too (decoder warnings are
+    not enough), by checking the file's end marker.
+    """
+    import cv2
+    import numpy as np
+
+    path = Path(path)
+    try:
+        buf = np.fromfile(path, dtype=np.uint8)
+    except OSError as e:
+        raise ImageReadError(f"cannot read image {path}: {e}") from None
+    if buf.size == 0:
+        raise ImageReadError(f"cannot read image {path}: empty file")
+    if not _complete(buf):
+        raise ImageReadError(f"cannot read image {path}: file is truncated")
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+    if img is None:
+        raise ImageReadError(f"cannot read image {path}: not a decodable image")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB) if rgb else img
+
+
+def _complete(buf) -> bool:
+    """JPEG must end with FFD9 (allowing trailing padding), PNG with an IEND chunk."""
+    head = bytes(buf[:8])
+    tail = bytes(buf[-64:])
+    if head[:2] == b"\xff\xd8":
+        return b"\xff\xd9" in tail
+    if head == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" in tail
+    return True
+
+
+def image_size(path) -> tuple[int, int]:
+    """(width, height) of an image without decoding pixels when PIL can read the header."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size

@@ -1,0 +1,60 @@
+"""The image tables later stages train and search on, built from stage 00's clean CSVs.
+
+Local validation protocol (used by 04, 05 and 06 alike): queries are the ``val == 1`` rows of
+``clean/train.csv``; the database is every usable train image, each query excluded from its
+own result list; an image is relevant when it has the query's Id (``new_whale`` never is).
+"""
+from __future__ import annotations
+
+import pandas as pd
+
+from .paths import Paths
+
+NEW_WHALE = "new_whale"
+
+
+def _need(path) -> pd.DataFrame:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run stage 00 first (make 00)")
+    return pd.read_csv(path, dtype={"Image": str, "Id": str}, keep_default_na=False)
+
+
+def clean_frame(paths: Paths, split: str = "train") -> pd.DataFrame:
+    """clean/train.csv or clean/pretrain.csv (Image,Id,val,train_local,train_full)."""
+    return _need(paths.clean_pretrain_csv if split == "pretrain" else paths.clean_train_csv)
+
+
+def with_paths(df: pd.DataFrame, paths: Paths, split: str, use_crops: bool = True) -> pd.DataFrame:
+    out = df.copy()
+    out["path"] = [str(paths.image(split, n, use_crops)) for n in out["Image"]]
+    return out
+
+
+def train_frame(paths: Paths, split: str = "train", fit: str = "local", use_crops: bool = True) -> pd.DataFrame:
+    """Metric-learning rows (Image, Id, path): ``fit=local`` → train_local rows, ``full`` → train_full."""
+    if fit not in ("local", "full"):
+        raise ValueError(f"train.fit must be 'local' or 'full', not {fit!r}")
+    df = clean_frame(paths, split)
+    df = df[df[f"train_{fit}"].astype(int) == 1]
+    return with_paths(df, paths, split, use_crops)[["Image", "Id", "path"]].reset_index(drop=True)
+
+
+def val_frame(paths: Paths, split: str = "train", use_crops: bool = True) -> pd.DataFrame:
+    """Validation database (Image, Id, path, is_query): every usable image; queries flagged."""
+    df = clean_frame(paths, split)
+    df = with_paths(df, paths, split, use_crops)
+    df["is_query"] = df["val"].astype(int)
+    return df[["Image", "Id", "path", "is_query"]].reset_index(drop=True)
+
+
+def test_frame(paths: Paths, use_crops: bool = True) -> pd.DataFrame:
+    """Usable test images (Image, path)."""
+    df = _need(paths.clean_test_csv)
+    return with_paths(df, paths, "test", use_crops)[["Image", "path"]].reset_index(drop=True)
+
+
+def truth_frame(paths: Paths) -> pd.DataFrame | None:
+    """Withheld test truth (Image, Id) when the competition ships one (the demo does), else None."""
+    if not paths.truth_csv.exists():
+        return None
+    return pd.read_csv(paths.truth_csv, dtype=str, keep_default_na=False)
