@@ -73,16 +73,33 @@ def _read_yaml(path: Path) -> dict:
     return data
 
 
+def parse_value(raw: str) -> Any:
+    """YAML-typed value of an override; also reads ``1e-3`` as a float (plain YAML 1.1 would not).
+
+    >>> parse_value("3"), parse_value("1e-3"), parse_value("[1, 2]"), parse_value("none"), parse_value("null")
+    (3, 0.001, [1, 2], 'none', None)
+    """
+    if raw == "":
+        return ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
     """Apply ``a.b.c=value`` strings in place (value parsed as YAML) and return cfg."""
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        value = parse_value(raw)
         node = cfg
         parts = key.strip().split(".")
         for p in parts[:-1]:

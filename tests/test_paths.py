@@ -1,0 +1,42 @@
+"""The path registry: every stage's artifacts under DATA, raw inputs under RAW."""
+from pathlib import Path
+
+import pytest
+
+from common.paths import Paths
+
+
+def test_artifacts_live_under_data_and_inputs_under_raw(tmp_path):
+    p = Paths(tmp_path / "raw", tmp_path / "art")
+    for attr in ["clean_train_csv", "clean_test_csv", "clean_report", "detector_weights", "detector_metrics",
+                 "crops_csv", "pretrain_summary", "members_summary", "pseudo_csv", "submission_csv",
+                 "submission_ids_csv", "scores_json", "gallery_png", "yolo_config_dir"]:
+        assert getattr(p, attr).is_relative_to(tmp_path / "art"), attr
+    for attr in ["raw_train_csv", "raw_boxes_csv", "raw_pretrain_csv", "truth_csv"]:
+        assert getattr(p, attr).is_relative_to(tmp_path / "raw"), attr
+    assert p.raw_dir("pretrain") == tmp_path / "raw" / "pretrain" / "train"
+    assert p.member_ckpt("m", "last").name == "last.pt"
+    with pytest.raises(ValueError, match="unknown split"):
+        p.raw_dir("val")
+
+
+def test_image_prefers_crop_and_final_ckpt_prefers_pseudo(tmp_path):
+    p = Paths(tmp_path / "raw", tmp_path / "art")
+    assert p.image("train", "a.jpg") == p.raw_image("train", "a.jpg")
+    crop = p.crop_image("train", "a.jpg")
+    crop.parent.mkdir(parents=True)
+    crop.write_bytes(b"x")
+    assert p.image("train", "a.jpg") == crop
+    assert p.image("train", "a.jpg", use_crops=False) == p.raw_image("train", "a.jpg")
+    assert p.final_ckpt("m") == p.member_ckpt("m")
+    pseudo = p.pseudo_member_dir("m") / "best.pt"
+    pseudo.parent.mkdir(parents=True)
+    pseudo.write_bytes(b"x")
+    assert p.final_ckpt("m") == pseudo
+
+
+def test_relative_paths_are_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    p = Paths("r", "d")
+    assert p.raw == tmp_path / "r" and p.data == tmp_path / "d"
+    assert isinstance(p.clean_dir, Path)
