@@ -83,6 +83,11 @@ class Paths:
     def clean_report(self) -> Path:
         return self.clean_dir / "report.json"
 
+    @property
+    def clean_summary_png(self) -> Path:
+        """Images per identity, local-validation roles and drops per reason (stage 00)."""
+        return self.clean_dir / "summary.png"
+
     # ---- 01 detector -----------------------------------------------------------------
     @property
     def detector_dir(self) -> Path:
@@ -110,6 +115,11 @@ class Paths:
         """Written by stage 01 in every case (``{"trained": false, ...}`` without boxes)."""
         return self.detector_dir / "metrics.json"
 
+    @property
+    def detector_curves_png(self) -> Path:
+        """Stage 01 training curves (losses, held-out mAP per epoch)."""
+        return self.detector_dir / "curves.png"
+
     # ---- 02 crops --------------------------------------------------------------------
     @property
     def crops_dir(self) -> Path:
@@ -122,6 +132,11 @@ class Paths:
     @property
     def crops_samples_png(self) -> Path:
         return self.crops_dir / "samples.png"
+
+    @property
+    def crops_report(self) -> Path:
+        """Stage 02 summary (fallback rates per split) and the signature that keeps reruns incremental."""
+        return self.crops_dir / "report.json"
 
     def crop_image(self, split: str, name: str) -> Path:
         return self.crops_dir / split / name
@@ -177,6 +192,11 @@ class Paths:
     def pseudo_report(self) -> Path:
         return self.pseudo_dir / "report.json"
 
+    @property
+    def pseudo_png(self) -> Path:
+        """Stage 05: label precision on validation vs threshold, test similarity histogram."""
+        return self.pseudo_dir / "report.png"
+
     def pseudo_member_dir(self, name: str) -> Path:
         """Run folder of a member retrained with pseudo labels (same files as member_dir)."""
         return self.pseudo_dir / "models" / name
@@ -213,6 +233,11 @@ class Paths:
     @property
     def gallery_png(self) -> Path:
         return self.submission_dir / "gallery.png"
+
+    @property
+    def predictions_csv(self) -> Path:
+        """Default output of ``06_ensemble_submit.py --predict`` (top-k matches of new photos)."""
+        return self.submission_dir / "predictions.csv"
 
     # ---- tool state kept inside the project ------------------------------------------
     @property

@@ -1,0 +1,84 @@
+"""Embedding images with a trained model (eval mode, batched, optional flip TTA, AMP on CUDA)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .augment import build_transforms
+from .io import read_image
+
+
+class ImageDataset(Dataset):
+    """Images read with :func:`common.io.read_image` and passed through ``transform``."""
+
+    def __init__(self, image_paths, transform):
+        self.paths = [str(p) for p in image_paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(image=read_image(self.paths[i]))["image"]
+
+
+def _device(device) -> torch.device:
+    from .runtime import resolve_device
+
+    return device if isinstance(device, torch.device) else resolve_device(str(device or "auto"))
+
+
+@torch.inference_mode()
+def embed_images(model, image_paths, img_size, batch_size: int = 64, device="cpu", tta_hflip: bool = False,
+                 num_workers: int = 0, progress: bool = True, desc: str = "embed") -> np.ndarray:
+    """(N, emb_dim) float32 unit-norm embeddings of ``image_paths``, in order.
+
+    With ``tta_hflip`` the embeddings of each image and of its mirror are averaged, then
+    re-normalised. The model is put in eval mode and given back in the mode it came in.
+    """
+    from tqdm.auto import tqdm
+
+    dev = _device(device)
+    paths = list(image_paths)
+    out = np.zeros((len(paths), model.emb_dim), dtype=np.float32)
+    if not paths:
+        return out
+    loader = DataLoader(ImageDataset(paths, build_transforms(img_size, model.mean, model.std, train=False)),
+                        batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=dev.type == "cuda")
+    cuda = dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
+    was_training = model.training
+    model.to(dev).eval()
+    if cuda:
+        model.to(memory_format=torch.channels_last)
+    row = 0
+    try:
+        for x in tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False):
+            x = x.to(dev, non_blocking=True)
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=cuda):
+                e = model(x).float()
+                if tta_hflip:
+                    e = torch.nn.functional.normalize(e + model(torch.flip(x, dims=[3])).float(), dim=1)
+            out[row:row + len(e)] = e.cpu().numpy()
+            row += len(e)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def embed_checkpoint(ckpt_path, image_paths, img_size=None, **kwargs) -> np.ndarray:
+    """Load a training checkpoint and embed ``image_paths`` (``img_size`` defaults to the model's).
+
+    Keyword arguments go to :func:`embed_images` (batch_size, device, tta_hflip, num_workers, ...).
+    """
+    from .models import load_checkpoint
+
+    model, _ = load_checkpoint(Path(ckpt_path))
+    kwargs.setdefault("desc", f"embed {Path(ckpt_path).parent.name}")
+    return embed_images(model, image_paths, img_size or model.img_size, **kwargs)
