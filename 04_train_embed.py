@@ -1,8 +1,63 @@
-"""Stage 04 - train the metric-learning embedding members."""
+"""Stage 04 - train the metric-learning embedding of every ensemble member.
+
+Each member (`members:` in the profile; `--model NAME` trains one) starts from its stage-03
+checkpoint (model.from_pretrain_stage, when stage 03 made one) or else from model.pretrained, and
+trains on clean/train.csv (train.fit: local = train_local rows validated on the local split,
+full = every train_full row without validation), on fluke crops when stage 02 made them.
+The frozen starting backbone is scored first as the baseline to beat (train.baseline).
+Writes models/<member>/ (best.pt, last.pt, history.csv, curves.png, config.json, tb/) and
+updates models/summary.json (best checkpoint, scores and baseline per member).
+`--lr-find` only sweeps the learning rate (models/<member>/lr_find.png) and prints a suggestion.
+"""
 import sys
 
-from common.config import parse_stage_args
+from common.config import ConfigError, member_names, parse_stage_args
+from common.weights import WeightsError
+
+
+def extra(ap):
+    ap.add_argument("--model", metavar="NAME", help="train this member only")
+    ap.add_argument("--resume", action="store_true", help="continue each run from its last.pt")
+    ap.add_argument("--lr-find", action="store_true", help="run the learning-rate finder instead of training")
+
+
+def main() -> int:
+    cfg, paths, args = parse_stage_args(__doc__, extra=extra)
+    from common import tables, training
+    from common.io import read_json, write_json
+
+    names = [args.model] if args.model else member_names(cfg)
+    old = read_json(paths.members_summary).get("members", {}) if paths.members_summary.exists() else {}
+    summary = {"members": dict(old) if args.model else {}}
+    for name in names:
+        member, init = training.stage04_member(cfg, paths, name)
+        crops = member["model"].get("use_crops", True)
+        fit = member["train"].get("fit", "local")
+        train_df = tables.train_frame(paths, "train", fit=fit, use_crops=crops)
+        kw = dict(init=init, device=cfg["device"], num_workers=cfg["num_workers"])
+        if args.lr_find:
+            training.lr_find(member, train_df, paths.member_dir(name) / "lr_find.png",
+                             num_iter=int(member["train"].get("lr_find_iters", 100)), **kw)
+            continue
+        val_df = tables.val_frame(paths, "train", use_crops=crops) if fit == "local" else None
+        baseline = old.get(name, {}).get("baseline") if args.resume else None  # measured by the first run
+        if baseline is None and val_df is not None and member["train"].get("baseline", True):
+            baseline = training.frozen_baseline(member, val_df, cfg["device"], member["train"]["batch_embed"],
+                                                cfg["num_workers"])
+            print(f"{name} baseline (untrained {member['model']['pretrained']} backbone): "
+                  + ", ".join(f"{k} {baseline[k]:.4f}" for k in training.METRICS))
+        result = training.fit(member, train_df, val_df, paths.member_dir(name), resume=args.resume,
+                              deterministic=cfg["deterministic"], **kw)
+        entry = training.summary_entry(result, result["best"], len(train_df), init=init)
+        summary["members"][name] = dict(entry, baseline=baseline)
+    if not args.lr_find:
+        write_json(paths.members_summary, summary)
+        print(f"wrote {paths.members_summary}")
+    return 0
+
 
 if __name__ == "__main__":
-    cfg, paths, args = parse_stage_args(__doc__)
-    sys.exit("error: 04_train_embed is not built yet (issue 4)")
+    try:
+        sys.exit(main())
+    except (ConfigError, OSError, ValueError, WeightsError, FloatingPointError) as e:  # bad config/input
+        sys.exit(f"error: {e}")

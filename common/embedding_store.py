@@ -1,0 +1,129 @@
+"""Cached per-member embeddings of the search database (train + test images).
+
+One ``.npz`` per member (``paths.embeddings_file(name)``): image keys, split, image name,
+float16 embeddings, and a fingerprint of the model (checkpoint path, mtime and size, image size,
+flip TTA). Rows whose image file (path, mtime, size) and model are unchanged are reused, so
+rerunning stage 06 after changing ensemble weights embeds nothing, and adding images embeds only
+those. Embeddings always come back as float32 of the stored float16 values, fresh or cached alike.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .io import atomic_path
+
+
+def database_table(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
+    """The search database: train rows (Image, Id, path, is_query) then test rows (Image, path);
+    columns ``split, Image, Id, path, is_query`` (test: Id '', is_query 0)."""
+    tr = train.assign(split="train")
+    te = test.assign(split="test", Id="", is_query=0)
+    cols = ["split", "Image", "Id", "path", "is_query"]
+    table = pd.concat([tr[cols], te[cols]], ignore_index=True)
+    dup = table["Image"][table["Image"].duplicated()]
+    if len(dup):
+        raise ValueError(f"image name {dup.iloc[0]!r} occurs twice in train+test; submissions name images by file name")
+    return table
+
+
+def image_key(split: str, path) -> str:
+    """Identity of one image file: split, path, modification time and size."""
+    st = os.stat(path)
+    return f"{split}|{path}|{st.st_mtime_ns}|{st.st_size}"
+
+
+def model_key(ckpt, img_size, tta_hflip: bool) -> str:
+    st = os.stat(ckpt)
+    return json.dumps({"ckpt": str(Path(ckpt).resolve()), "mtime": st.st_mtime_ns, "size": st.st_size,
+                       "img_size": img_size, "tta_hflip": bool(tta_hflip)}, sort_keys=True)
+
+
+def load_cache(cache_file, key: str) -> dict[str, np.ndarray]:
+    """image key -> float16 embedding, from a cache written for the same model key (else empty)."""
+    cache_file = Path(cache_file)
+    if not cache_file.exists():
+        return {}
+    try:
+        with np.load(cache_file, allow_pickle=False) as z:
+            if str(z["model_key"]) != key:
+                return {}
+            return dict(zip(z["keys"].tolist(), z["emb"]))
+    except (OSError, KeyError, ValueError):  # unreadable or old-format cache: rebuild it
+        return {}
+
+
+def save_cache(cache_file, key: str, table: pd.DataFrame, keys: list[str], emb16: np.ndarray) -> None:
+    with atomic_path(cache_file) as tmp:
+        np.savez(tmp, model_key=np.array(key), keys=np.array(keys), images=table["Image"].to_numpy(str),
+                 splits=table["split"].to_numpy(str), emb=emb16)
+
+
+def cached_embeddings(table: pd.DataFrame, cache_file, key: str, embed: Callable[[list[str]], np.ndarray]) -> tuple[np.ndarray, int]:
+    """Embeddings of ``table`` rows (float32 of float16), calling ``embed(paths)`` only for rows the
+    cache lacks; rewrites the cache with exactly these rows. Returns ``(emb, n_embedded)``."""
+    keys = [image_key(s, p) for s, p in zip(table["split"], table["path"])]
+    have = load_cache(cache_file, key)
+    todo = [i for i, k in enumerate(keys) if k not in have]
+    fresh = {}
+    if todo:
+        new = np.asarray(embed([table["path"].iloc[i] for i in todo]), dtype=np.float32).astype(np.float16)
+        fresh = {keys[i]: e for i, e in zip(todo, new)}
+    rows = [fresh[k] if k in fresh else have[k] for k in keys]
+    emb16 = np.stack(rows) if rows else np.zeros((0, 0), np.float16)
+    if todo or len(have) != len(set(keys)):
+        save_cache(cache_file, key, table, keys, emb16)
+    return emb16.astype(np.float32), len(todo)
+
+
+def member_embeddings(ckpt, table: pd.DataFrame, cache_file, *, img_size: int | None = None, tta_hflip: bool = True,
+                      batch_size: int = 64, device="cpu", num_workers: int = 0, desc: str = "embed") -> tuple[np.ndarray, int]:
+    """Embeddings of ``table.path`` by the member checkpoint ``ckpt`` (loaded only when some row
+    is not cached), at ``img_size`` (None: the size the model was trained at)."""
+    ckpt = Path(ckpt)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"checkpoint {ckpt} is missing: run stage 04 first (make 04)")
+
+    def embed(image_paths):
+        from .inference import embed_images
+        from .models import load_checkpoint
+
+        model, _ = load_checkpoint(ckpt, map_location="cpu")
+        model.to(device).eval()
+        return embed_images(model, image_paths, img_size or model.img_size, batch_size=batch_size, device=device,
+                            tta_hflip=tta_hflip, num_workers=num_workers, desc=desc)
+
+    return cached_embeddings(table, cache_file, model_key(ckpt, img_size, tta_hflip), embed)
+
+
+def embed_members(cfg: dict, paths, names, ckpt_of=None, log=print) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    """Embed the database of every member in ``names`` with ``ckpt_of(name)`` (default
+    ``paths.final_ckpt``), using each member's crops setting, flip TTA per ``tta.hflip`` and the
+    cache. Returns ``(table, {name: (N, emb_dim) float32})``; the table's Image order is shared."""
+    from .config import member_config
+    from .runtime import resolve_device
+    from .tables import test_frame, val_frame
+
+    ckpt_of = ckpt_of or paths.final_ckpt
+    device = resolve_device(cfg.get("device", "auto"))
+    tta = bool((cfg.get("tta") or {}).get("hflip", True))
+    table, embs = None, {}
+    for name in names:
+        m = member_config(cfg, name)
+        t = database_table(val_frame(paths, "train", m["model"].get("use_crops", True)),
+                           test_frame(paths, m["model"].get("use_crops", True)))
+        if table is not None and not t["Image"].equals(table["Image"]):
+            raise RuntimeError("members disagree on the database images")  # cannot happen: same clean CSVs
+        table = t if table is None else table
+        ckpt = ckpt_of(name)
+        embs[name], n_new = member_embeddings(ckpt, t, paths.embeddings_file(name), tta_hflip=tta,
+                                              batch_size=int(m["train"].get("batch_embed", 64)), device=device,
+                                              num_workers=int(cfg.get("num_workers", 0)), desc=f"embed {name}")
+        log(f"{name}: {Path(ckpt).relative_to(paths.data) if Path(ckpt).is_relative_to(paths.data) else ckpt} - "
+            f"embedded {n_new} images, {len(t) - n_new} from cache")
+    return table, embs

@@ -1,0 +1,109 @@
+"""Local scores of one embedding of the search database (a member's or the meta-embedding).
+
+``table`` is :func:`common.embedding_store.database_table` (train rows then test rows) and
+``emb`` its embeddings, row for row.
+
+* ``val``: the local-validation protocol (queries = val rows, database = train rows, query
+  excluded): image-mode map20/top1/hit20, ID-mode map5 without new_whale, and ``map5_nw``
+  with new_whale inserted at the threshold tuned here (queries whose whale the database lacks
+  count as new_whale).
+* ``test`` (when the withheld truth is known, i.e. the demo): image mode with database
+  train + test, and ID mode (database = train) with the tuned threshold, as the two submissions
+  would score.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .metrics import NEW_WHALE, count_relevant, image_scores, kaggle_map5, relevance
+from .retrieval import evaluate_search, id_search_depth, l2_normalize, rank_identities, search
+from .submission import id_truth, insert_new_whale, pad_ids, tune_new_whale_threshold
+
+ID_N = 5
+
+
+def _split(table: pd.DataFrame):
+    tr = (table["split"] == "train").to_numpy()
+    return np.flatnonzero(tr), np.flatnonzero(~tr)
+
+
+def frequent_ids(table: pd.DataFrame) -> list[str]:
+    """Known train identities, most images first (fills short ID predictions)."""
+    ids = table.loc[(table["split"] == "train") & (table["Id"] != NEW_WHALE), "Id"]
+    return ids.value_counts(sort=True).index.tolist()
+
+
+def val_scores(emb, table: pd.DataFrame, k: int = 20, threshold: float | None = None) -> dict:
+    """Local-validation figures and the new_whale threshold tuned on them (unless given)."""
+    tr, _ = _split(table)
+    e, ids = l2_normalize(emb[tr]), table["Id"].to_numpy(object)[tr]
+    q = np.flatnonzero(table["is_query"].to_numpy()[tr].astype(bool))
+    if not len(q):
+        return {"n_queries": 0}
+    scores, idx = search(e, e[q], max(k, id_search_depth(k, len(e))), exclude=q, gpu=False)
+    out = evaluate_search(scores, idx, ids[q], ids, k=k)
+    pred_ids, sims = rank_identities(scores, idx, ids, n=ID_N)
+    truth = [t if c > 0 else NEW_WHALE for t, c in zip(ids[q], count_relevant(ids[q], ids))]
+    tuned, _, _ = tune_new_whale_threshold(pred_ids, sims, truth, n=ID_N)
+    thr = tuned if threshold is None else float(threshold)
+    out["map5_nw"] = kaggle_map5([insert_new_whale(i, s, thr, ID_N) for i, s in zip(pred_ids, sims)], truth)
+    out["new_whale_threshold"] = thr
+    return out
+
+
+def search_test_images(emb, table: pd.DataFrame, k: int = 20, **search_kw):
+    """Top-k of every test image over the whole database (train + test), itself excluded."""
+    _, te = _split(table)
+    emb = l2_normalize(emb)
+    return search(emb, emb[te], k, exclude=te, **search_kw)
+
+
+def predict_test_ids(emb, table: pd.DataFrame, threshold: float, n: int = ID_N, **search_kw) -> list[list[str]]:
+    """n Ids per test image (database = labelled train images), new_whale inserted at
+    ``threshold``, padded with the most frequent Ids."""
+    tr, te = _split(table)
+    ids, emb = table["Id"].to_numpy(object)[tr], l2_normalize(emb)
+    scores, idx = search(emb[tr], emb[te], max(n, id_search_depth(20, len(tr) + 1)), **search_kw)
+    pred, sims = rank_identities(scores, idx, ids, n=n)
+    fallback = frequent_ids(table)
+    return [pad_ids(insert_new_whale(p, s, threshold, n), fallback, n) for p, s in zip(pred, sims)]
+
+
+def score_test(emb, table: pd.DataFrame, truth: pd.DataFrame, threshold: float, k: int = 20, **search_kw) -> dict:
+    """How the two submissions score against the withheld test truth."""
+    tr, te = _split(table)
+    t = dict(zip(truth["Image"], truth["Id"]))
+    test_ids = np.array([t.get(n, NEW_WHALE) for n in table["Image"].to_numpy(object)[te]], dtype=object)
+    all_ids = table["Id"].to_numpy(object).copy()
+    all_ids[te] = test_ids
+    scores, idx = search_test_images(emb, table, k, **search_kw)
+    hits = relevance(test_ids, all_ids, idx)
+    out = image_scores(hits, count_relevant(test_ids, all_ids), k)
+    preds = predict_test_ids(emb, table, threshold, ID_N, **search_kw)
+    out["map5_nw"] = kaggle_map5(preds, id_truth(test_ids, set(all_ids[tr])))
+    return out
+
+
+def local_scores(emb, table: pd.DataFrame, truth: pd.DataFrame | None = None, k: int = 20,
+                 threshold: float | None = None, **search_kw) -> dict:
+    """``{"val": {...}, "test": {...}}`` (test only with truth); see the module docstring."""
+    out = {"val": val_scores(emb, table, k, threshold)}
+    thr = out["val"].get("new_whale_threshold", 0.5 if threshold is None else threshold)
+    if truth is not None and (table["split"] == "test").any():
+        out["test"] = score_test(emb, table, truth, thr, k, **search_kw)
+    return out
+
+
+def format_scores(scores: dict[str, dict]) -> str:
+    """A fixed-width table: one line per embedding (members, then the ensemble)."""
+    cols = [("val", "map20"), ("val", "top1"), ("val", "hit20"), ("val", "map5"), ("val", "map5_nw"),
+            ("test", "map20"), ("test", "top1"), ("test", "hit20"), ("test", "map5_nw")]
+    cols = [c for c in cols if any(c[1] in s.get(c[0], {}) for s in scores.values())]
+    width = max([len(n) for n in scores] + [8])
+    head = f"{'':{width}}  " + "  ".join(f"{a + '.' + b:>11}" for a, b in cols)
+    lines = [head]
+    for name, s in scores.items():
+        vals = [s.get(a, {}).get(b) for a, b in cols]
+        lines.append(f"{name:{width}}  " + "  ".join(f"{v:11.4f}" if v is not None else f"{'-':>11}" for v in vals))
+    return "\n".join(lines)

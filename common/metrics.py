@@ -1,0 +1,132 @@
+"""Retrieval metrics (pure numpy): image-mode MAP@k, top-1, hit@k, Kaggle's ID-mode MAP@5.
+
+Image mode scores a ranked list of database images. ``hits`` is a boolean matrix
+(queries x ranks): ``hits[q, r]`` is True when the r-th returned image of query q has the
+query's identity. ``n_relevant[q]`` counts the query's relevant images in the database
+(the query itself excluded). ``new_whale`` is never relevant.
+
+>>> hits = relevance(["a", "b", "new_whale"], ["a", "b", "a", "new_whale"], [[0, 1, 2], [0, 2, 1], [3, 0, 1]])
+>>> hits.astype(int).tolist()
+[[1, 0, 1], [0, 0, 1], [0, 0, 0]]
+>>> count_relevant(["a", "b", "new_whale"], ["a", "b", "a", "new_whale"], query_in_db=False).tolist()
+[2, 1, 0]
+>>> count_relevant(["a", "b"], ["a", "b", "a", "new_whale"]).tolist()   # own row not counted
+[1, 0]
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+NEW_WHALE = "new_whale"
+
+
+def average_precision_at_k(hits: Sequence[bool], n_relevant: int, k: int = 20) -> float:
+    """AP of one ranked list, cut at k and normalised by ``min(n_relevant, k)``.
+
+    Sum of precision@i over the ranks i that hold a relevant item, divided by the number of
+    relevant items that *could* appear in k ranks. 0.0 when nothing is relevant.
+
+    >>> average_precision_at_k([1, 0, 1], n_relevant=2, k=3)   # (1/1 + 2/3) / 2
+    0.8333333333333333
+    >>> average_precision_at_k([0, 1, 0], n_relevant=5, k=3)   # (1/2) / min(5, 3)
+    0.16666666666666666
+    >>> average_precision_at_k([1, 1, 0, 1], n_relevant=3, k=2)  # ranks past k do not count
+    1.0
+    >>> average_precision_at_k([0, 0], n_relevant=0)
+    0.0
+    """
+    h = np.asarray(hits, dtype=bool)[:k]
+    denom = min(int(n_relevant), k)
+    if denom <= 0 or not h.any():
+        return 0.0
+    ranks = np.flatnonzero(h) + 1
+    precision = np.arange(1, len(ranks) + 1) / ranks
+    return float(precision.sum() / denom)
+
+
+def map_at_k(hits, n_relevant, k: int = 20) -> float:
+    """Image-mode MAP@k: mean AP@k over the queries that have at least one relevant image.
+
+    >>> map_at_k([[1, 0, 1], [0, 1, 0], [0, 0, 0]], [2, 1, 0], k=3)   # 3rd query skipped
+    0.6666666666666666
+    >>> map_at_k([[0, 0]], [0])
+    0.0
+    """
+    h = np.asarray(hits, dtype=bool)
+    n = np.asarray(n_relevant)
+    if h.ndim != 2 or len(h) != len(n):
+        raise ValueError(f"hits must be (queries, ranks) and n_relevant (queries,), got {h.shape} and {n.shape}")
+    keep = n > 0
+    if not keep.any():
+        return 0.0
+    return float(np.mean([average_precision_at_k(r, c, k) for r, c in zip(h[keep], n[keep])]))
+
+
+def top1(hits) -> float:
+    """Share of queries whose first result is relevant.
+
+    >>> top1([[1, 0], [0, 1], [0, 0], [1, 1]])
+    0.5
+    """
+    h = np.asarray(hits, dtype=bool)
+    return float(h[:, 0].mean()) if h.size else 0.0
+
+
+def hit_at_k(hits, k: int = 20) -> float:
+    """Share of queries with any relevant image among the first k results.
+
+    >>> hit_at_k([[0, 0, 1], [0, 0, 0]], k=3), hit_at_k([[0, 0, 1], [0, 0, 0]], k=2)
+    (0.5, 0.0)
+    """
+    h = np.asarray(hits, dtype=bool)
+    return float(h[:, :k].any(axis=1).mean()) if h.size else 0.0
+
+
+def kaggle_map5(predictions: Sequence[Sequence[str]], truth: Sequence[str]) -> float:
+    """Humpback Whale Identification MAP@5: one correct Id per image, score 1/rank of its first
+    occurrence in the (up to 5) predicted Ids, else 0; averaged over images.
+
+    >>> kaggle_map5([["a", "b"], ["x", "y", "c"], ["q"], ["new_whale", "d"]], ["a", "c", "z", "new_whale"])
+    0.5833333333333333
+    >>> kaggle_map5([["b", "b", "a"]], ["a"])   # repeated labels keep their first rank
+    0.3333333333333333
+    """
+    if len(predictions) != len(truth):
+        raise ValueError(f"{len(predictions)} prediction rows for {len(truth)} truth labels")
+    if not len(truth):
+        return 0.0
+    total = 0.0
+    for pred, t in zip(predictions, truth):
+        for rank, p in enumerate(list(pred)[:5], start=1):
+            if p == t:
+                total += 1.0 / rank
+                break
+    return total / len(truth)
+
+
+def relevance(query_ids: Sequence[str], db_ids: Sequence[str], idx) -> np.ndarray:
+    """Boolean hits matrix: ``db_ids[idx[q, r]] == query_ids[q]``; ``new_whale`` and ``idx == -1``
+    (padding) are never hits."""
+    idx = np.asarray(idx, dtype=np.int64)
+    db = np.asarray(db_ids, dtype=object)
+    q = np.asarray(query_ids, dtype=object)
+    got = np.where(idx >= 0, db[np.clip(idx, 0, max(len(db) - 1, 0))], None) if len(db) else np.full(idx.shape, None)
+    return (got == q[:, None]) & (q[:, None] != NEW_WHALE) & (idx >= 0)
+
+
+def count_relevant(query_ids: Sequence[str], db_ids: Sequence[str], query_in_db: bool = True) -> np.ndarray:
+    """Relevant database images per query (same Id, not new_whale); with ``query_in_db`` the
+    query's own row is not counted."""
+    ids, counts = np.unique(np.asarray(db_ids, dtype=object).astype(str), return_counts=True)
+    lookup = dict(zip(ids, counts))
+    out = np.array([0 if q == NEW_WHALE else lookup.get(q, 0) for q in query_ids], dtype=np.int64)
+    return np.maximum(out - int(query_in_db), 0) if query_in_db else out
+
+
+def image_scores(hits, n_relevant, k: int = 20) -> dict:
+    """The image-mode figures of one result list: ``{"map20", "top1", "hit20", "n_queries"}``
+    (keys named for k=20 whatever k is, so tables line up)."""
+    h = np.asarray(hits, dtype=bool)
+    return {"map20": map_at_k(h, n_relevant, k), "top1": top1(h), "hit20": hit_at_k(h, k), "n_queries": int(len(h))}

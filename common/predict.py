@@ -1,0 +1,95 @@
+"""Top-k database matches for new photos: how the trained system is used after the competition.
+
+Each photo is cropped with the fluke detector when stage 01 trained one (whole image otherwise),
+embedded by every member with the same flip TTA as the database, joined into the
+meta-embedding and searched against the train + test database. Matches carry the train Id, or
+for test images their pseudo-label when stage 05 gave one.
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .io import ImageReadError, read_image, write_csv
+
+
+def crop_photos(cfg: dict, paths, photos: list[Path], out_dir: Path) -> list[Path]:
+    """Fluke crops of ``photos`` written to ``out_dir`` (the photos themselves without a detector)."""
+    if not paths.detector_weights.exists():
+        return list(photos)
+    from .cropping import crop_region, fit_max_side, write_crop
+    from .detector import FlukeDetector
+    from .runtime import resolve_device
+
+    crop, det = cfg.get("crop") or {}, cfg.get("detector") or {}
+    detect = FlukeDetector(paths.detector_weights, imgsz=crop.get("imgsz") or det.get("imgsz", 320),
+                           device=resolve_device(cfg.get("device", "auto")))
+    out = []
+    for i, p in enumerate(photos):
+        img = read_image(p)
+        (best,) = detect([img])
+        x0, y0, x1, y1, _, _ = crop_region(best, img.shape[1], img.shape[0], conf=float(crop.get("conf", 0.25)),
+                                           margin=float(crop.get("margin", 0.1)))
+        dest = out_dir / f"{i:05d}_{Path(p).stem}.jpg"
+        write_crop(fit_max_side(img[y0:y1, x0:x1], crop.get("max_side")), dest)
+        out.append(dest)
+    return out
+
+
+def db_labels(paths, table: pd.DataFrame) -> np.ndarray:
+    """Train Ids, and the pseudo-labels of test images where stage 05 wrote some ('' otherwise)."""
+    ids = table["Id"].to_numpy(object).copy()
+    if paths.pseudo_csv.exists():
+        pl = pd.read_csv(paths.pseudo_csv, dtype=str, keep_default_na=False)
+        lab = dict(zip(pl["Image"], pl["Id"]))
+        test = (table["split"] == "test").to_numpy()
+        ids[test] = [lab.get(n, "") for n in table["Image"][test]]
+    return ids
+
+
+def predict(cfg: dict, paths, photos, top_k: int = 20, out=None) -> int:
+    """Print and write (``out`` or DATA/submission/predictions.csv) the top-k matches of ``photos``."""
+    from .config import member_config, member_names
+    from .embedding_store import embed_members
+    from .inference import embed_images
+    from .models import load_checkpoint
+    from .retrieval import meta_embedding, search
+    from .runtime import resolve_device
+
+    photos = [Path(p) for p in photos]
+    try:
+        for p in photos:
+            read_image(p)  # every photo must be readable before anything runs
+    except ImageReadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    names = member_names(cfg)
+    table, db = embed_members(cfg, paths, names, log=lambda m: None)
+    device = resolve_device(cfg.get("device", "auto"))
+    tta = bool(cfg["tta"]["hflip"])
+    with tempfile.TemporaryDirectory(prefix="predict_") as tmp:
+        inputs = crop_photos(cfg, paths, photos, Path(tmp))
+        q = {}
+        for n in names:
+            model, _ = load_checkpoint(paths.final_ckpt(n))
+            q[n] = embed_images(model, inputs, model.img_size, device=device, tta_hflip=tta, progress=False)
+    weights = [member_config(cfg, n)["weight"] for n in names]
+    db_emb, q_emb = meta_embedding([db[n] for n in names], weights), meta_embedding([q[n] for n in names], weights)
+    scores, idx = search(db_emb, q_emb, min(top_k, len(db_emb)), gpu=cfg["search"]["gpu"])
+    ids = db_labels(paths, table)
+    rows = [{"query": str(p), "rank": r + 1, "match": table["Image"].iat[i], "split": table["split"].iat[i],
+             "Id": ids[i], "similarity": round(float(s), 4)}
+            for p, s_row, i_row in zip(photos, scores, idx) for r, (s, i) in enumerate(zip(s_row, i_row)) if i >= 0]
+    df = pd.DataFrame(rows, columns=["query", "rank", "match", "split", "Id", "similarity"])
+    dest = Path(out) if out else paths.predictions_csv
+    write_csv(dest, df)
+    with pd.option_context("display.max_rows", None, "display.width", 160):
+        for p, g in df.groupby("query", sort=False):
+            print(f"\n{p}  (best Id: {g['Id'].iloc[0] or 'unknown'}, similarity {g['similarity'].iloc[0]:.3f})")
+            print(g.drop(columns="query").to_string(index=False))
+    print(f"\nwrote {dest}")
+    return 0

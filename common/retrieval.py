@@ -1,0 +1,174 @@
+"""Embedding search: L2 normalisation, the weighted meta-embedding, faiss inner-product top-k,
+identity ranking and the local-validation evaluation.
+
+Embeddings are L2-normalised, so the inner product faiss ranks by is the cosine similarity.
+
+>>> [round(float(v), 4) for v in meta_embedding([np.array([[3.0, 4.0]]), np.array([[0.0, 2.0]])], [1.0, 1.0])[0]]
+[0.4243, 0.5657, 0.0, 0.7071]
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import numpy as np
+
+from .metrics import NEW_WHALE, count_relevant, image_scores, kaggle_map5, relevance
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32); all-zero rows stay zero.
+
+    >>> l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]])).tolist()
+    [[0.6000000238418579, 0.800000011920929], [0.0, 0.0]]
+    """
+    x = np.asarray(x, dtype=np.float32)
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norm, eps)
+
+
+def meta_embedding(embeddings: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
+    """``L2n(concat_i(w_i * L2n(e_i)))``: each member contributes ``w_i**2 / sum(w**2)`` of the
+    cosine similarity, whatever its embedding size."""
+    embeddings = list(embeddings)
+    if not embeddings:
+        raise ValueError("meta_embedding needs at least one embedding array")
+    weights = [1.0] * len(embeddings) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(embeddings):
+        raise ValueError(f"{len(weights)} weights for {len(embeddings)} embedding arrays")
+    if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
+        raise ValueError(f"ensemble weights must be >= 0 and not all zero, got {weights}")
+    rows = {len(e) for e in embeddings}
+    if len(rows) != 1:
+        raise ValueError(f"embedding arrays disagree on the number of images: {sorted(rows)}")
+    parts = [w * l2_normalize(e) for w, e in zip(weights, embeddings) if w > 0]
+    return l2_normalize(np.concatenate(parts, axis=1))
+
+
+def _use_gpu(gpu) -> bool:
+    import faiss
+
+    n_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    if gpu == "auto":
+        return n_gpus > 0
+    if gpu and n_gpus == 0:
+        raise RuntimeError("search.gpu is true, but this faiss build sees no GPU (install faiss-gpu or set search.gpu: auto)")
+    return bool(gpu)
+
+
+def build_index(db: np.ndarray, index: str = "flat", nlist: int = 100, nprobe: int = 10, gpu="auto"):
+    """A faiss inner-product index over ``db``: exact ``IndexFlatIP`` or ``IndexIVFFlat`` (``nlist``
+    clusters, capped so each has ~40 training points; ``nprobe`` searched), on GPU when asked/present."""
+    import faiss
+
+    db = np.ascontiguousarray(db, dtype=np.float32)
+    d = db.shape[1]
+    if index == "flat":
+        idx = faiss.IndexFlatIP(d)
+    elif index == "ivf":
+        nlist = max(1, min(int(nlist), len(db) // 39))
+        quantizer = faiss.IndexFlatIP(d)
+        idx = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        idx.train(db)
+        idx.nprobe = min(int(nprobe), nlist)
+    else:
+        raise ValueError(f"search.index must be 'flat' or 'ivf', not {index!r}")
+    if _use_gpu(gpu):
+        idx = faiss.index_cpu_to_all_gpus(idx)
+    idx.add(db)
+    return idx
+
+
+def search(db, queries, k: int, exclude=None, index: str = "flat", nlist: int = 100, nprobe: int = 10,
+           gpu="auto") -> tuple[np.ndarray, np.ndarray]:
+    """Top-k database rows per query by inner product: ``(scores (nq, k) float32, idx (nq, k) int64)``.
+
+    ``exclude[q]`` is a database row dropped from query q's list (-1: none), e.g. the query
+    itself. Where fewer than k rows exist, the tail is padded with idx -1 and score -inf.
+    """
+    db = np.ascontiguousarray(db, dtype=np.float32)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    if db.ndim != 2 or queries.ndim != 2 or db.shape[1] != queries.shape[1]:
+        raise ValueError(f"db {db.shape} and queries {queries.shape} must be 2-D with the same width")
+    nq = len(queries)
+    exclude = np.full(nq, -1, np.int64) if exclude is None else np.asarray(exclude, dtype=np.int64)
+    if exclude.shape != (nq,):
+        raise ValueError(f"exclude must hold one db row per query ({nq}), got shape {exclude.shape}")
+    scores = np.full((nq, k), -np.inf, np.float32)
+    out = np.full((nq, k), -1, np.int64)
+    if nq == 0 or len(db) == 0 or k <= 0:
+        return scores, out
+    extra = int((exclude >= 0).any())
+    kk = min(k + extra, len(db))
+    s, i = build_index(db, index, nlist, nprobe, gpu).search(queries, kk)
+    keep = (i >= 0) & (i != exclude[:, None])
+    for q in range(nq):  # stable compaction: drop the excluded row, keep the order
+        row = np.flatnonzero(keep[q])[:k]
+        out[q, : len(row)] = i[q, row]
+        scores[q, : len(row)] = s[q, row]
+    return scores, out
+
+
+def rank_identities(scores, idx, db_ids: Sequence[str], n: int = 5, skip: Sequence[str] = (NEW_WHALE,)):
+    """Per query, the first ``n`` distinct identities of its ranked images (each scored by its best
+    image), ``skip`` labels left out: ``(ids: list[list[str]], sims: list[list[float]])``.
+
+    >>> rank_identities([[0.9, 0.8, 0.7, 0.6]], [[2, 0, 1, 3]], ["a", "new_whale", "a", "b"], n=2)
+    ([['a', 'b']], [[0.8999999761581421, 0.6000000238418579]])
+    """
+    db_ids = np.asarray(db_ids, dtype=object)
+    scores = np.asarray(scores, dtype=np.float32)
+    idx = np.asarray(idx, dtype=np.int64)
+    skip = set(skip)
+    all_ids, all_sims = [], []
+    for s_row, i_row in zip(scores, idx):
+        ids, sims = [], []
+        for s, i in zip(s_row, i_row):
+            if i < 0:
+                break
+            label = db_ids[i]
+            if label in skip or label in ids:
+                continue
+            ids.append(label)
+            sims.append(float(s))
+            if len(ids) == n:
+                break
+        all_ids.append(ids)
+        all_sims.append(sims)
+    return all_ids, all_sims
+
+
+def evaluate_search(scores, idx, query_ids, db_ids, k: int = 20, query_in_db: bool = True) -> dict:
+    """Scores of search results against labels: image-mode map20/top1/hit20 over the first k
+    results and ID-mode map5 (identities by best image, no new_whale prediction)."""
+    query_ids = np.asarray(query_ids, dtype=object)
+    hits = relevance(query_ids, db_ids, np.asarray(idx)[:, :k])
+    out = image_scores(hits, count_relevant(query_ids, db_ids, query_in_db), k)
+    ids, _ = rank_identities(scores, idx, db_ids, n=5)
+    out["map5"] = kaggle_map5(ids, list(query_ids))
+    return {k_: out[k_] for k_ in ("map20", "top1", "hit20", "map5", "n_queries")}
+
+
+def id_search_depth(k: int, n_db: int) -> int:
+    """How many neighbours to fetch so that 5 distinct identities are usually among them."""
+    return max(0, min(n_db - 1, max(k, 100)))
+
+
+def evaluate_embeddings(emb, ids, is_query, k: int = 20) -> dict:
+    """Local-validation scores ``{"map20", "top1", "hit20", "map5", "n_queries"}``.
+
+    ``emb``/``ids``/``is_query`` describe the whole database; queries are the ``is_query`` rows,
+    each excluded from its own list; relevant = same Id, never new_whale. Queries without a
+    relevant database image are skipped for map20 and count as misses elsewhere.
+    """
+    emb = l2_normalize(emb)
+    ids = np.asarray(ids, dtype=object)
+    q = np.flatnonzero(np.asarray(is_query).astype(bool))
+    if len(emb) != len(ids) or len(ids) != len(np.asarray(is_query)):
+        raise ValueError(f"emb ({len(emb)}), ids ({len(ids)}) and is_query ({len(is_query)}) must have equal length")
+    if not len(q):
+        warnings.warn("evaluate_embeddings: no query rows")
+        return {"map20": 0.0, "top1": 0.0, "hit20": 0.0, "map5": 0.0, "n_queries": 0}
+    kk = max(k, id_search_depth(k, len(emb)))
+    scores, idx = search(emb, emb[q], kk, exclude=q, gpu=False)
+    return evaluate_search(scores, idx, ids[q], ids, k=k)

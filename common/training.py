@@ -1,0 +1,592 @@
+"""The one training loop of stages 03, 04 (and 05's retrain): metric learning on PK batches.
+
+``fit(member, train_df, val_df, out_dir)`` trains a member (see common/config.member_config):
+
+* model from common/models (``init`` = a checkpoint to start from, e.g. stage 03's), margin head
+  and losses from common/losses, PK batches from common/samplers, augmentation from
+  common/augment, mirrored flukes as new identities (common/datasets);
+* AdamW (or Adam) with weight decay except on biases/norm layers; discriminative learning rates:
+  backbone ``lr * backbone_lr_mult``, neck ``lr``, head ``lr * head_lr_mult``; linear warmup then
+  cosine to ``min_lr_frac`` (or SGDR warm restarts), stepped every batch; gradient clipping;
+  mixed precision and channels-last on CUDA; progressive resizing ``[[size, epochs], ...]``;
+* validation on the local split every ``val_every`` epochs (MAP@20, MAP@5, top-1, hit@20; the
+  starting weights are scored as epoch 0), ``best.pt`` by ``train.metric``, ``last.pt`` every
+  epoch; ``resume=True`` continues from last.pt (weights, optimiser, schedule, RNG) and ends
+  where an uninterrupted run ends;
+* out_dir gets best.pt, last.pt, history.csv, curves.png, config.json and tb/ (TensorBoard).
+
+``lr_find`` sweeps the learning rate exponentially and plots loss against it (fast.ai style).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .augment import build_transforms
+from .datasets import FlukeDataset, encode_labels, hflip_mode, make_loader
+from .inference import embed_images
+from .io import save_figure, save_torch, write_csv, write_json
+from .losses import MetricLoss
+from .models import build_model
+from .retrieval import evaluate_embeddings
+from .runtime import resolve_device, seed_everything
+from .samplers import PKSampler
+
+METRICS = ("map20", "map5", "top1", "hit20")
+
+
+# ---- schedule -------------------------------------------------------------------------------
+def lr_factor(t: float, total: float, warmup: float = 0.0, schedule: str = "cosine", floor: float = 0.01,
+              cycle: float = 5.0, mult: float = 2.0) -> float:
+    """Learning-rate multiplier at time ``t`` (epochs, fractional): linear warmup from ``floor``
+    to 1, then cosine down to ``floor`` over the rest (``sgdr``: restarts after ``cycle`` epochs,
+    each cycle ``mult`` times longer).
+
+    >>> [round(lr_factor(t, 10, warmup=1), 3) for t in (0, 0.5, 1, 5.5, 10)]
+    [0.01, 0.505, 1.0, 0.505, 0.01]
+    >>> [round(lr_factor(t, 15, schedule="sgdr", cycle=5, floor=0), 3) for t in (0, 2.5, 4.99, 5, 10)]
+    [1.0, 0.5, 0.0, 1.0, 0.5]
+    """
+    if warmup > 0 and t < warmup:
+        return floor + (1.0 - floor) * t / warmup
+    t -= warmup
+    if schedule == "cosine":
+        u = t / max(total - warmup, 1e-9)
+    elif schedule == "sgdr":
+        length = float(cycle)
+        while t >= length:
+            t, length = t - length, length * mult
+        u = t / length
+    else:
+        raise ValueError(f"train.schedule must be 'cosine' or 'sgdr', not {schedule!r}")
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(max(u, 0.0), 1.0)))
+
+
+def resolve_phases(train_cfg: dict, img_size) -> list[tuple[int, int]]:
+    """Progressive resizing phases ``[(img_size, epochs), ...]`` (a size is an int or [height, width]);
+    one phase without ``progressive``.
+
+    >>> resolve_phases({"epochs": 3}, 128), resolve_phases({"progressive": [[96, 2], [128, 1]]}, 128)
+    ([(128, 3)], [(96, 2), (128, 1)])
+    """
+    prog = train_cfg.get("progressive")
+    if not prog:
+        return [(img_size, int(train_cfg["epochs"]))]
+    try:
+        phases = [([int(v) for v in s] if isinstance(s, (list, tuple)) else int(s), int(e)) for s, e in prog]
+    except (TypeError, ValueError):
+        raise ValueError(f"train.progressive must be a list of [img_size, epochs] pairs, not {prog!r}") from None
+    if any(e < 1 for _, e in phases):
+        raise ValueError(f"train.progressive phases need >= 1 epoch each: {prog!r}")
+    return phases
+
+
+def size_at(phases, epoch: int):
+    """Image size of 0-based ``epoch`` (the last phase's size past the end)."""
+    for size, n in phases:
+        if epoch < n:
+            return size
+        epoch -= n
+    return phases[-1][0]
+
+
+# ---- model, loss, optimiser -------------------------------------------------------------------
+def param_groups(model, loss_fn: nn.Module, train_cfg: dict) -> list[dict]:
+    """Optimiser groups: backbone / neck / head x (decay, no decay on biases and norm layers);
+    each group carries its ``lr_mult`` relative to ``train.lr``."""
+    mults = {"backbone": float(train_cfg.get("backbone_lr_mult", 1.0)), "neck": 1.0,
+             "head": float(train_cfg.get("head_lr_mult", 1.0))}
+    parts = dict(model.param_groups(), head=list(loss_fn.parameters()))
+    wd, no_bias_decay = float(train_cfg.get("weight_decay", 0.0)), bool(train_cfg.get("no_bias_decay", True))
+    groups = []
+    for name, params in parts.items():
+        params = [p for p in params if p.requires_grad]
+        plain = [p for p in params if no_bias_decay and p.ndim <= 1]
+        decay = [p for p in params if not (no_bias_decay and p.ndim <= 1)]
+        for suffix, ps, w in (("", decay, wd), ("_no_decay", plain, 0.0)):
+            if ps:
+                groups.append({"params": ps, "name": name + suffix, "lr_mult": mults[name], "weight_decay": w})
+    return groups
+
+
+def build_optimizer(model, loss_fn: nn.Module, train_cfg: dict) -> torch.optim.Optimizer:
+    groups = param_groups(model, loss_fn, train_cfg)
+    lr = float(train_cfg["lr"])
+    for g in groups:
+        g["lr"] = lr * g["lr_mult"]
+    kind = str(train_cfg.get("optimizer", "adamw")).lower()
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    if kind == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    raise ValueError(f"train.optimizer must be 'adamw' or 'adam', not {kind!r}")
+
+
+def _setup(member: dict, train_df: pd.DataFrame, init, device, state=None) -> SimpleNamespace:
+    """Everything a training run needs, built from the member config (and a resume state)."""
+    for col in ("path", "Id"):
+        if col not in train_df.columns:
+            raise ValueError(f"training table needs a {col!r} column (has {list(train_df.columns)})")
+    if len(train_df) == 0:
+        raise ValueError(f"member {member.get('name')!r}: no training images (check stage 00's train flags)")
+    tcfg = member["train"]
+    labels, classes = encode_labels(train_df["Id"])
+    flip = hflip_mode(member.get("augment", {}))
+    counts = np.bincount(labels, minlength=len(classes))
+    n_out = len(classes) * (2 if flip else 1)
+    start = "none" if state is not None else (str(init) if init else member["model"].get("pretrained", "none"))
+    model = build_model(dict(member["model"], pretrained=start))
+    loss_fn = MetricLoss(tcfg, model.emb_dim, n_out, np.tile(counts, 2 if flip else 1))
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if loss_fn.head is not None:
+            loss_fn.head.load_state_dict(state["head"])
+    cuda = device.type == "cuda"
+    model.to(device)
+    loss_fn.to(device)
+    channels_last = cuda and bool(tcfg.get("channels_last", True))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    amp_dtype = None
+    if cuda and tcfg.get("amp", True):
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    K = int(tcfg.get("K", 4))
+    P = int(tcfg["batch_size"]) // K if tcfg.get("batch_size") else int(tcfg.get("P", 16))
+    return SimpleNamespace(
+        model=model, loss_fn=loss_fn, opt=build_optimizer(model, loss_fn, tcfg), device=device,
+        classes=classes, labels=labels, flip=flip, channels_last=channels_last, amp_dtype=amp_dtype,
+        freeze_bn=bool(tcfg.get("freeze_bn", False)),
+        scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+        dataset=FlukeDataset(train_df["path"], labels, mirror_offset=len(classes) if flip else 0),
+        sampler=PKSampler(labels, max(P, 1), K, seed=int(member.get("seed", 0)), flip=flip))
+
+
+def _device(device) -> torch.device:
+    return device if isinstance(device, torch.device) else resolve_device(device or "auto")
+
+
+def train_mode(model, freeze_bn: bool = False) -> None:
+    """``model.train()``; with ``freeze_bn`` the backbone's BatchNorm layers stay in eval mode (their
+    ImageNet/stage-03 running statistics are used and kept, as metric-learning fine-tuning with
+    small PK batches usually does), so training and inference see the same backbone."""
+    model.train()
+    if freeze_bn:
+        for m in model.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def _train_transform(run, member: dict, size):
+    return build_transforms(size, run.model.mean, run.model.std, train=True,
+                            strength=float(member.get("augment", {}).get("strength", 1.0)))
+
+
+def _step(run, x, y, lr_per_group, grad_clip) -> tuple[float, dict]:
+    """One optimisation step on a batch; returns (loss, parts)."""
+    for g, lr in zip(run.opt.param_groups, lr_per_group):
+        g["lr"] = lr
+    x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+    if run.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+        emb = run.model(x)
+    loss, parts = run.loss_fn(emb, y)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss is {loss.item()} (parts {parts}); lower train.lr or check the data")
+    run.opt.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    if grad_clip:
+        run.scaler.unscale_(run.opt)
+        nn.utils.clip_grad_norm_([p for g in run.opt.param_groups for p in g["params"]], float(grad_clip))
+    run.scaler.step(run.opt)
+    run.scaler.update()
+    return float(loss.detach()), parts
+
+
+@torch.no_grad()
+def imprint_head(run, size, batch_size: int = 64, num_workers: int = 0, seed: int = 0, progress: bool = True) -> None:
+    """Weight imprinting (Qi et al. 2018): start every head centre at the mean embedding of its
+    class (mirrored photos for mirrored classes) instead of at random, so the first steps pull the
+    pretrained features toward sensible targets rather than scrambling them. Runs in train mode
+    (BatchNorm batch statistics, as training sees them; this also warms up their running
+    averages) with dropout off, on un-augmented images."""
+    from torch.utils.data import DataLoader
+
+    head = run.loss_fn.head
+    if head is None:
+        return
+    n = len(run.labels)
+    keys = [(i, False) for i in range(n)] + ([(i, True) for i in range(n)] if run.flip else [])
+    order = np.random.default_rng(seed).permutation(len(keys))
+    dataset = FlukeDataset(run.dataset.paths, run.labels, build_transforms(size, run.model.mean, run.model.std, train=False),
+                           run.dataset.mirror_offset)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=[keys[i] for i in order], num_workers=num_workers,
+                        drop_last=len(keys) % batch_size == 1)  # BatchNorm cannot take a batch of one
+    train_mode(run.model, run.freeze_bn)
+    for m in run.model.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    sums = torch.zeros(head.n_classes, run.model.emb_dim, device=run.device)
+    for x, y in tqdm(loader, desc="imprint head", disable=not progress, leave=False):
+        x = x.to(run.device)
+        if run.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
+            emb = run.model(x)
+        sums.index_add_(0, y.to(run.device), emb.float())
+    seen = sums.norm(dim=1) > 0
+    centres = nn.functional.normalize(sums, dim=1).repeat_interleave(head.k, dim=0)
+    if head.k > 1:  # sub-centres start near the class mean, apart enough to specialise
+        centres = nn.functional.normalize(centres + 0.05 * torch.randn_like(centres), dim=1)
+    keep = seen.repeat_interleave(head.k)
+    head.weight[keep] = centres[keep].to(head.weight.dtype)
+
+
+# ---- validation -------------------------------------------------------------------------------
+def evaluate(model, val_df: pd.DataFrame, img_size, device="cpu", batch_size: int = 64, num_workers: int = 0,
+             progress: bool = True) -> dict:
+    """Local-validation scores of ``model`` over ``val_df`` (path, Id, is_query), no TTA."""
+    was_training = model.training
+    emb = embed_images(model, list(val_df["path"]), img_size, batch_size=batch_size, device=device,
+                       tta_hflip=False, num_workers=num_workers, progress=progress, desc="validate")
+    model.train(was_training)
+    return evaluate_embeddings(emb, val_df["Id"].to_numpy(), val_df["is_query"].to_numpy().astype(bool), k=20)
+
+
+class PooledBackbone(nn.Module):
+    """An EmbeddingNet's backbone + pooling only, L2-normalised: the untrained-neck baseline."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.mean, self.std, self.img_size, self.emb_dim = net.mean, net.std, net.img_size, net.feat_dim
+
+    def forward(self, x):
+        return nn.functional.normalize(self.net.pooled(x).float(), dim=1)
+
+
+def frozen_baseline(member: dict, val_df: pd.DataFrame, device=None, batch_size: int = 64, num_workers: int = 0,
+                    progress: bool = True) -> dict:
+    """Scores of the member's backbone with its configured (e.g. ImageNet) weights and no
+    training: pooled backbone features, at the member's image size. The bar training must beat."""
+    device = _device(device)
+    model = build_model(member["model"]).to(device).eval()
+    return evaluate(PooledBackbone(model), val_df, member["model"]["img_size"], device, batch_size,
+                    num_workers, progress)
+
+
+# ---- logs -------------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def plot_history(history: list[dict], dest, title: str = "") -> Path:
+    """PNG with the training losses (left) and the validation scores (right) per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.DataFrame(history)
+    fig, (ax_l, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
+    loss_cols = [c for c in df.columns if c == "loss" or c.startswith("loss_")]
+    for c in loss_cols:
+        d = df[["epoch", c]].dropna()
+        ax_l.plot(d["epoch"], d[c], marker="o", label=c)
+    ax_l.set(xlabel="epoch", ylabel="training loss", title="loss")
+    for m in METRICS:
+        if m in df.columns:
+            d = df[["epoch", m]].dropna()
+            ax_m.plot(d["epoch"], d[m], marker="o", label=m)
+    ax_m.set(xlabel="epoch (0 = starting weights)", ylabel="score", title="local validation", ylim=(0, 1))
+    for ax in (ax_l, ax_m):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    return save_figure(fig, dest)
+
+
+def _history_frame(history: list[dict]) -> pd.DataFrame:
+    """History rows as a table: epoch, size, lr, losses, then scores."""
+    df = pd.DataFrame(history)
+    first = [c for c in ("epoch", "img_size", "lr", "loss") if c in df.columns]
+    losses = sorted(c for c in df.columns if c.startswith("loss_"))
+    scores = [c for c in (*METRICS, "n_queries") if c in df.columns]
+    return df[first + losses + scores + [c for c in df.columns if c not in {*first, *losses, *scores}]]
+
+
+def _log_epoch(writer, row: dict) -> None:
+    for k, v in row.items():
+        if k in METRICS:
+            writer.add_scalar(f"val/{k}", v, row["epoch"])
+        elif k.startswith("loss"):
+            writer.add_scalar(f"epoch/{k}", v, row["epoch"])
+    writer.flush()
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_dir, *, init=None, device=None,
+        resume: bool = False, epochs: int | None = None, stop_after: int | None = None, num_workers: int = 0,
+        deterministic: bool = False, progress: bool = True) -> dict:
+    """Train ``member`` on ``train_df`` (path, Id), validating on ``val_df`` (path, Id, is_query)
+    or not at all (None: last.pt is also best.pt). ``epochs`` overrides ``train.epochs``;
+    ``stop_after`` ends this call after that many epochs (the schedule still spans all of them;
+    continue with ``resume=True``). Returns ``{"best", "last", "metrics", "history", "best_epoch"}``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    member = copy.deepcopy(member)
+    tcfg = member["train"]
+    if epochs is not None:
+        tcfg["epochs"] = int(epochs)
+        tcfg["progressive"] = None if not tcfg.get("progressive") else _trim(tcfg["progressive"], int(epochs))
+    phases = resolve_phases(tcfg, member["model"]["img_size"])
+    n_epochs = sum(n for _, n in phases)
+    out_dir, device, seed = Path(out_dir), _device(device), int(member.get("seed", 0))
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    seed_everything(seed, deterministic)
+
+    state = None
+    if resume and last_path.exists():
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        if state.get("classes") != encode_labels(train_df["Id"])[1]:
+            raise ValueError(f"cannot resume from {last_path}: the training identities changed; rerun without --resume")
+        print(f"resuming {member['name']} from {last_path} (epoch {state['epoch']}/{n_epochs})")
+    elif resume:
+        print(f"no {last_path} to resume from: training {member['name']} from the start")
+    run = _setup(member, train_df, init, device, state)
+    history = list(state["history"]) if state else []
+    best = dict(state["best"]) if state else {"score": -math.inf, "epoch": 0, "metrics": {}}
+    start = int(state["epoch"]) if state else 0
+    if state:
+        run.opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            run.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+    else:
+        shutil.rmtree(out_dir / "tb", ignore_errors=True)
+        write_json(out_dir / "config.json", {
+            "member": member, "init": str(init) if init else member["model"].get("pretrained"),
+            "device": str(device), "phases": phases, "n_images": len(train_df), "n_identities": len(run.classes),
+            "n_classes": len(run.classes) * (2 if run.flip else 1), "n_val": 0 if val_df is None else len(val_df)})
+    writer = SummaryWriter(str(out_dir / "tb"))
+    emb_kw = dict(device=device, batch_size=int(tcfg.get("batch_embed", 64)), num_workers=num_workers, progress=progress)
+    if start == 0 and val_df is not None and tcfg.get("eval_init", True):
+        history = [{"epoch": 0, "img_size": phases[0][0], **evaluate(run.model, val_df, phases[0][0], **emb_kw)}]
+        _log_epoch(writer, history[0])
+
+    if start == 0 and tcfg.get("imprint", True):
+        imprint_head(run, phases[0][0], emb_kw["batch_size"], num_workers, seed, progress)
+
+    lr = float(tcfg["lr"])
+    sched = dict(total=n_epochs, warmup=float(tcfg.get("warmup_epochs", 0) or 0), schedule=tcfg.get("schedule", "cosine"),
+                 floor=float(tcfg.get("min_lr_frac", 0.01)), cycle=float(tcfg.get("sgdr_cycle", 5)),
+                 mult=float(tcfg.get("sgdr_mult", 2)))
+    size, end = None, n_epochs if stop_after is None else min(n_epochs, start + int(stop_after))
+    for epoch in range(start, end):
+        if size_at(phases, epoch) != size:
+            size = size_at(phases, epoch)
+            run.dataset.transform = _train_transform(run, member, size)
+        run.sampler.set_epoch(epoch)
+        loader = make_loader(run.dataset, run.sampler, seed * 100_003 + epoch, num_workers, device.type == "cuda")
+        train_mode(run.model, run.freeze_bn)
+        run.loss_fn.train()
+        t0, sums, n = time.time(), {}, 0
+        bar = tqdm(loader, desc=f"{member['name']} epoch {epoch + 1}/{n_epochs} @{size}px", disable=not progress)
+        for i, (x, y) in enumerate(bar):
+            f = lr_factor(epoch + i / len(loader), **sched)
+            loss, parts = _step(run, x, y, [lr * g["lr_mult"] * f for g in run.opt.param_groups], tcfg.get("grad_clip"))
+            step = epoch * len(loader) + i
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/lr", lr * f, step)
+            for k, v in {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()}}.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+            bar.set_postfix(loss=f"{sums['loss'] / n:.3f}")
+        row = {"epoch": epoch + 1, "img_size": size, "lr": lr * f, **{k: v / max(n, 1) for k, v in sums.items()}}
+        validate = val_df is not None and ((epoch + 1) % int(tcfg.get("val_every", 1) or 1) == 0 or epoch + 1 == n_epochs)
+        if validate:
+            row.update(evaluate(run.model, val_df, size, **emb_kw))
+        row["time_s"] = round(time.time() - t0, 1)
+        history.append(row)
+        _log_epoch(writer, row)
+        score = row.get(tcfg.get("metric", "map20"), math.nan) if validate else math.nan
+        improved = val_df is None or best["epoch"] == 0 and validate or score > best["score"]
+        if improved:
+            best = {"score": score if validate else math.nan, "epoch": epoch + 1,
+                    "metrics": {k: row[k] for k in row if k in METRICS or k == "n_queries"}}
+        ckpt = {"model": run.model.state_dict(), "head": run.loss_fn.head.state_dict() if run.loss_fn.head else None,
+                "member": member, "classes": run.classes, "epoch": epoch + 1, "optimizer": run.opt.state_dict(),
+                "scheduler": {**sched, "t": epoch + 1, "phases": phases}, "metrics": row, "history": history,
+                "best": best, "scaler": run.scaler.state_dict(), "rng": _rng_state(),
+                "init": str(init) if init else member["model"].get("pretrained")}
+        save_torch(last_path, ckpt)
+        if improved:
+            save_torch(best_path, dict(ckpt, optimizer=None, scaler=None, rng=None))
+        write_csv(out_dir / "history.csv", _history_frame(history))
+        plot_history(history, out_dir / "curves.png", f"{member['name']}: {tcfg.get('loss')} on {len(train_df)} images")
+        print(f"{member['name']} epoch {epoch + 1}/{n_epochs}: " + ", ".join(
+            f"{k} {row[k]:.4f}" for k in ("loss", *METRICS) if k in row) + f" ({row['time_s']}s)")
+    writer.close()
+    return {"best": str(best_path), "last": str(last_path), "metrics": best["metrics"], "history": history,
+            "best_epoch": best["epoch"]}
+
+
+def _trim(progressive, epochs: int) -> list:
+    """Phases cut (or the last one stretched) to ``epochs`` in total.
+
+    >>> _trim([[96, 2], [128, 2]], 3), _trim([[96, 2], [128, 2]], 6)
+    ([[96, 2], [128, 1]], [[96, 2], [128, 4]])
+    """
+    out, left = [], epochs
+    for size, n in progressive:
+        if left <= 0:
+            break
+        out.append([size, min(int(n), left)])
+        left -= out[-1][1]
+    out[-1][1] += left
+    return out
+
+
+# ---- learning-rate finder -------------------------------------------------------------------------
+def lr_find(member: dict, train_df: pd.DataFrame, out_png, *, init=None, device=None, start_lr: float = 1e-6,
+            end_lr: float = 1.0, num_iter: int = 100, num_workers: int = 0, progress: bool = True) -> float:
+    """Exponential LR sweep (``train.lr`` from start_lr to end_lr, group multipliers kept) on PK
+    batches; saves the smoothed loss-vs-LR plot to ``out_png`` and returns the suggested LR
+    (steepest descent of the smoothed loss before its minimum), which it also prints."""
+    device = _device(device)
+    seed_everything(int(member.get("seed", 0)))
+    run = _setup(member, train_df, init, device)
+    run.dataset.transform = _train_transform(run, member, member["model"]["img_size"])
+    train_mode(run.model, run.freeze_bn)
+    lrs, losses, avg = [], [], 0.0
+    for i, (x, y) in enumerate(tqdm(_cycle(run, num_workers), total=num_iter, desc=f"lr_find {member['name']}",
+                                    disable=not progress)):
+        lr = start_lr * (end_lr / start_lr) ** (i / max(num_iter - 1, 1))
+        loss, _ = _step(run, x, y, [lr * g["lr_mult"] for g in run.opt.param_groups], member["train"].get("grad_clip"))
+        avg = 0.9 * avg + 0.1 * loss
+        lrs.append(lr)
+        losses.append(avg / (1 - 0.9 ** (i + 1)))  # bias-corrected moving average
+        if i + 1 >= num_iter or (i > 5 and losses[-1] > 4 * min(losses)):  # done, or diverging
+            break
+    suggestion = suggest_lr(lrs, losses)
+    _plot_lr_find(lrs, losses, suggestion, out_png, member["name"])
+    print(f"lr_find {member['name']}: suggested train.lr = {suggestion:.2e} (plot: {out_png})")
+    return suggestion
+
+
+def _cycle(run, num_workers: int):
+    """PK batches epoch after epoch, without end."""
+    epoch = 0
+    while True:
+        run.sampler.set_epoch(epoch)
+        yield from make_loader(run.dataset, run.sampler, epoch, num_workers)
+        epoch += 1
+
+
+def suggest_lr(lrs, losses) -> float:
+    """The LR where the loss falls fastest (per log-LR) before it reaches its minimum.
+
+    >>> lrs = [10 ** (-6 + i * 0.25) for i in range(25)]
+    >>> losses = [5 - 4 / (1 + math.exp(-3 * (math.log10(lr) + 3))) + max(0, math.log10(lr) + 1) * 5 for lr in lrs]
+    >>> round(math.log10(suggest_lr(lrs, losses)), 2)
+    -3.0
+    """
+    lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
+    if len(lrs) < 3:
+        return float(lrs[0] if len(lrs) else 1e-3)
+    stop = max(int(np.argmin(losses)), 2) + 1
+    grad = np.gradient(losses[:stop], np.log10(lrs[:stop]))
+    return float(lrs[int(np.argmin(grad))])
+
+
+def _plot_lr_find(lrs, losses, suggestion, dest, name) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(lrs, losses)
+    ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.1e}")
+    ax.set(xscale="log", xlabel="learning rate (train.lr)", ylabel="smoothed training loss", title=f"lr_find: {name}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return save_figure(fig, dest)
+
+
+# ---- stage helpers (03, 04) -------------------------------------------------------------------------
+def pretrain_skip_reason(cfg: dict, paths) -> str | None:
+    """Why stage 03 has nothing to do (None when it should train)."""
+    if not (cfg.get("pretrain") or {}).get("enabled", True):
+        return "pretrain.enabled is false"
+    if not paths.clean_pretrain_csv.exists():
+        if paths.raw_pretrain_csv.exists():
+            raise FileNotFoundError(f"{paths.clean_pretrain_csv} is missing although {paths.raw_pretrain_csv} "
+                                    f"exists: run stage 00 first (make 00)")
+        return f"no pretrain set ({paths.raw_pretrain_csv} does not exist)"
+    from .tables import clean_frame
+
+    if not clean_frame(paths, "pretrain")["train_full"].astype(int).any():
+        return f"{paths.clean_pretrain_csv} has no identity with 2 or more usable images"
+    return None
+
+
+def pretrain_member(cfg: dict, name: str) -> dict:
+    """The member config stage 03 trains: ``pretrain.train`` merged over the member's ``train``
+    (its ``epochs`` also trims progressive-resizing phases)."""
+    from .config import member_config, merge
+
+    member = member_config(cfg, name)
+    over = (cfg.get("pretrain") or {}).get("train") or {}
+    member["train"] = merge(member["train"], over)
+    if "epochs" in over and member["train"].get("progressive") and "progressive" not in over:
+        member["train"]["progressive"] = _trim(member["train"]["progressive"], int(over["epochs"]))
+    return member
+
+
+def stage04_member(cfg: dict, paths, name: str) -> tuple[dict, Path | None]:
+    """``(member config, checkpoint to start from)``: stage 03's checkpoint when
+    ``model.from_pretrain_stage`` and stage 03 trained this member, else None (model.pretrained)."""
+    from .config import member_config
+    from .io import read_json
+
+    member = member_config(cfg, name)
+    if not member["model"].get("from_pretrain_stage", True):
+        return member, None
+    ckpt = paths.pretrain_ckpt(name)
+    done = paths.pretrain_summary.exists() and name in read_json(paths.pretrain_summary).get("members", {})
+    if done and ckpt.exists():
+        print(f"{name}: starting from stage 03 checkpoint {ckpt}")
+        return member, ckpt
+    print(f"{name}: no stage 03 checkpoint, starting from model.pretrained={member['model'].get('pretrained')}")
+    return member, None
+
+
+def summary_entry(result: dict, ckpt, n_images: int, init=None) -> dict:
+    """One member's record in a stage summary JSON."""
+    return {"ckpt": str(ckpt), "last": result["last"], "best_epoch": result["best_epoch"],
+            "metrics": result["metrics"], "n_images": int(n_images), "init": None if init is None else str(init),
+            "history": [{k: v for k, v in row.items()} for row in result["history"]]}

@@ -1,0 +1,44 @@
+"""Local scores of a database embedding: validation protocol, demo test truth, ID predictions."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.evaluation import format_scores, local_scores, predict_test_ids
+
+
+def scene():
+    """Whales a, b (train, one val query each), c (train only), d (held out: a lone val query),
+    u (unseen: two test photos)."""
+    rng = np.random.default_rng(0)
+    centres = {w: np.eye(8)[i] for i, w in enumerate(["a", "b", "c", "d", "u", "nw"])}  # orthogonal whales
+    rows = [("a1", "a", 1), ("a2", "a", 0), ("a3", "a", 0), ("b1", "b", 1), ("b2", "b", 0), ("c1", "c", 0), ("d1", "d", 1),
+            ("n1", "new_whale", 0)]
+    train = pd.DataFrame(rows, columns=["Image", "Id", "is_query"]).assign(split="train")
+    test = pd.DataFrame({"Image": ["ta", "tc", "tu1", "tu2"], "Id": "", "is_query": 0, "split": "test"})
+    table = pd.concat([train, test], ignore_index=True).assign(path="")
+    who = {"n1": "nw", "ta": "a", "tc": "c", "tu1": "u", "tu2": "u"}
+    emb = np.stack([centres[who.get(n, n[0])] + 0.05 * rng.normal(size=8) for n in table["Image"]])
+    truth = pd.DataFrame({"Image": ["ta", "tc", "tu1", "tu2"], "Id": ["a", "c", "w_u", "w_u"]})
+    return emb, table, truth
+
+
+def test_perfect_embedding_scores_one():
+    emb, table, truth = scene()
+    s = local_scores(emb, table, truth, k=3)
+    assert s["val"]["n_queries"] == 3
+    assert s["val"]["map20"] == pytest.approx(1) and s["val"]["top1"] == pytest.approx(2 / 3) and s["val"]["map5_nw"] == pytest.approx(1)
+    # test: ta, tc find their whale, tu1/tu2 find each other; ID mode: unseen whale -> new_whale first
+    assert s["test"]["map20"] == pytest.approx(1) and s["test"]["top1"] == 1
+    assert s["test"]["map5_nw"] == pytest.approx(1)
+    preds = predict_test_ids(emb, table, s["val"]["new_whale_threshold"])
+    assert [p[0] for p in preds] == ["a", "c", "new_whale", "new_whale"] and all(len(set(p)) == 5 for p in preds)
+
+
+def test_shuffled_embedding_scores_lower_and_table_prints():
+    emb, table, truth = scene()
+    bad = np.random.default_rng(1).permutation(emb)
+    good_s, bad_s = local_scores(emb, table, truth, k=3), local_scores(bad, table, truth, k=3)
+    assert bad_s["test"]["map20"] < good_s["test"]["map20"]
+    text = format_scores({"m": good_s, "ensemble": bad_s})
+    assert "val.map20" in text and "test.map5_nw" in text and len(text.splitlines()) == 3
+    assert "test" not in local_scores(emb, table, None, k=3)

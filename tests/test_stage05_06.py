@@ -1,0 +1,177 @@
+"""Stages 05 and 06 on a hand-built tiny competition with untrained tiny members (no training wait).
+
+Whales are random 'patterns' (each photo: its whale's pattern plus noise), so even an untrained
+network embeds photos of one whale close together.
+"""
+import contextlib
+import io
+import os
+import runpy
+import sys
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from common.config import ROOT, load_config, member_config, member_names
+from common.paths import Paths
+from common.submission import read_image_submission, validate_image_submission
+
+N_IDS, PER_ID, N_TEST = 8, 3, 8
+OVERRIDES = ["train.batch_embed=8", "pseudo.epochs=1", "pseudo.threshold=0.0", "pseudo.margin=0.0",
+             "search.gallery_queries=3", "search.gallery_k=3", "train.P=4", "train.K=2"]
+
+
+def _photo(rng, pattern):
+    img = np.clip(pattern + rng.normal(0, 18, pattern.shape), 0, 255).astype(np.uint8)
+    return cv2.resize(img, (72, 48), interpolation=cv2.INTER_NEAREST)
+
+
+def build_competition(root, seed=0):
+    """raw/ (train, test with one corrupt file, .truth) and data/clean/ as stage 00 would write them."""
+    rng = np.random.default_rng(seed)
+    raw = root / "raw"
+    for d in ("train", "test", ".truth"):
+        (raw / d).mkdir(parents=True, exist_ok=True)
+    patterns = {f"w_{i:03d}": rng.uniform(0, 255, (6, 9, 3)) for i in range(N_IDS + 2)}
+    train, test = [], []
+    for i, (wid, pat) in enumerate(list(patterns.items())[:N_IDS]):
+        for j in range(PER_ID):
+            name = f"tr_{i}_{j}.jpg"
+            cv2.imwrite(str(raw / "train" / name), _photo(rng, pat))
+            train.append((name, wid, int(j == 0 and i % 2 == 0)))
+    for j in range(2):
+        name = f"nw_{j}.jpg"
+        cv2.imwrite(str(raw / "train" / name), _photo(rng, rng.uniform(0, 255, (6, 9, 3))))
+        train.append((name, "new_whale", 0))
+    ids = list(patterns)
+    for t in range(N_TEST):
+        wid = ids[t % len(ids)]  # the last two whales are unseen in train
+        name = f"te_{t}.jpg"
+        cv2.imwrite(str(raw / "test" / name), _photo(rng, patterns[wid]))
+        test.append((name, wid))
+    (raw / "test" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    pd.DataFrame([r[:2] for r in train], columns=["Image", "Id"]).to_csv(raw / "train.csv", index=False)
+    pd.DataFrame(test + [("broken.jpg", "w_000")], columns=["Image", "Id"]).to_csv(raw / ".truth" / "test.csv", index=False)
+    df = pd.DataFrame(train, columns=["Image", "Id", "val"])
+    known = df["Id"] != "new_whale"
+    df["train_local"] = (known & (df["val"] == 0)).astype(int)
+    df["train_full"] = known.astype(int)
+    paths = Paths(raw, root / "data")
+    paths.clean_dir.mkdir(parents=True)
+    df.to_csv(paths.clean_train_csv, index=False)
+    pd.DataFrame({"Image": [t[0] for t in test]}).to_csv(paths.clean_test_csv, index=False)
+    return paths
+
+
+def save_untrained_members(paths, cfg):
+    import torch
+
+    from common.io import save_torch
+    from common.models import build_model
+
+    for name in member_names(cfg):
+        member = member_config(cfg, name)
+        torch.manual_seed(0)
+        model = build_model(dict(member["model"], pretrained="none"))
+        save_torch(paths.member_ckpt(name), {"model": model.state_dict(), "head": None, "member": member, "classes": [],
+                                             "epoch": 0, "metrics": {}, "history": []})
+
+
+def stage(script, paths, *extra):
+    """Run a stage script in this process (saves the interpreter and torch start-up of a
+    subprocess); returns ``(exit code, stdout, stderr)``."""
+    argv = [script, "--raw", str(paths.raw), "--data", str(paths.data), "--config", "tiny"]
+    for o in OVERRIDES:
+        argv += ["--set", o]
+    env, old_argv = dict(os.environ), sys.argv
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = argv + list(extra)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(str(ROOT / script), run_name="__main__")
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old_argv
+        os.environ.clear()
+        os.environ.update(env)
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+@pytest.fixture(scope="module")
+def comp(tmp_path_factory):
+    paths = build_competition(tmp_path_factory.mktemp("retr"))
+    save_untrained_members(paths, load_config("tiny", OVERRIDES))
+    return paths
+
+
+def test_stage06_writes_valid_submissions_and_reuses_embeddings(comp):
+    out = stage("06_ensemble_submit.py", comp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    tests = sorted(p.name for p in (comp.raw / "test").iterdir())
+    rows = read_image_submission(comp.submission_csv)
+    db = pd.read_csv(comp.clean_train_csv)["Image"].tolist() + pd.read_csv(comp.clean_test_csv)["Image"].tolist()
+    validate_image_submission(rows, tests, db, k=20)  # raises on any flaw
+    assert "1 unreadable test images got filler rows: broken.jpg" in out.stdout
+    ids = pd.read_csv(comp.submission_ids_csv, dtype=str)
+    assert sorted(ids["Image"]) == tests and all(len(set(x.split())) == 5 for x in ids["Id"])
+    assert ids.set_index("Image").loc["broken.jpg", "Id"].split()[0] == "new_whale"
+    scores = pd.read_json(comp.scores_json, typ="series")
+    assert set(scores["scores"]) == {*member_names(load_config("tiny")), "ensemble"}
+    for s in scores["scores"].values():
+        assert 0 <= s["val"]["map20"] <= 1 and s["val"]["n_queries"] == N_IDS // 2
+        assert 0 <= s["test"]["map5_nw"] <= 1
+    assert comp.gallery_png.stat().st_size > 1000
+    for name in member_names(load_config("tiny")):
+        z = np.load(comp.embeddings_file(name))
+        assert z["emb"].dtype == np.float16 and len(z["emb"]) == len(db)
+
+    # only a weight changes: nothing is re-embedded, the submission is still valid
+    again = stage("06_ensemble_submit.py", comp, "--set", "ensemble.lite0_64_do=3.0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("embedded 0 images") == 2
+    validate_image_submission(read_image_submission(comp.submission_csv), tests, db, k=20)
+
+
+def test_predict_prints_and_writes_matches(comp, tmp_path):
+    photo = comp.raw / "test" / "te_0.jpg"
+    out = stage("06_ensemble_submit.py", comp, "--predict", str(photo), "--top-k", "4", "--out", str(tmp_path / "m.csv"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = pd.read_csv(tmp_path / "m.csv", dtype=str, keep_default_na=False)
+    assert len(m) == 4 and m["rank"].tolist() == ["1", "2", "3", "4"]
+    assert m["match"].iloc[0] == "te_0.jpg"  # the photo itself is in the database: similarity ~1
+    assert float(m["similarity"].iloc[0]) > 0.99 and "te_0.jpg" in out.stdout
+
+    bad = stage("06_ensemble_submit.py", comp, "--predict", str(comp.raw / "test" / "broken.jpg"))
+    assert bad.returncode != 0 and "broken.jpg" in bad.stderr
+
+
+def test_stage06_without_checkpoints_fails_clearly(tmp_path):
+    paths = build_competition(tmp_path)
+    out = stage("06_ensemble_submit.py", paths)
+    assert out.returncode != 0 and "run stage 04" in out.stderr
+    assert not paths.submission_csv.exists()
+
+
+def test_stage05_labels_retrains_and_stage06_uses_it(comp):
+    out = stage("05_pseudo_label.py", comp)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = pd.read_json(comp.pseudo_report, typ="series")
+    labels = pd.read_csv(comp.pseudo_csv, dtype=str)
+    assert list(labels.columns) == ["Image", "Id", "score", "margin"]
+    assert report["labelled"] == len(labels) > 0  # threshold 0: every test image near a known whale
+    assert set(labels["Image"]) <= set(pd.read_csv(comp.clean_test_csv)["Image"])
+    assert 0 <= report["precision_truth"] <= 1
+    member = report["rounds"][0]["members"]["lite0_64"]
+    ckpt = comp.pseudo_member_dir("lite0_64") / ("best.pt" if member["kept"] else "best_rejected.pt")
+    assert ckpt.exists() and member["n_pseudo"] == len(labels)
+    assert comp.final_ckpt("lite0_64") == (ckpt if member["kept"] else comp.member_ckpt("lite0_64"))
+    assert not comp.pseudo_member_dir("lite0_64_do").exists()  # pseudo: false in the tiny profile
+
+    off = stage("05_pseudo_label.py", comp, "--set", "pseudo.enabled=false")
+    assert off.returncode == 0 and "skipped" in pd.read_json(comp.pseudo_report, typ="series")
+    assert comp.final_ckpt("lite0_64") == comp.member_ckpt("lite0_64") and not comp.pseudo_csv.exists()
