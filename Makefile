@@ -84,8 +84,8 @@ $(OUT_06): 06_ensemble_submit.py $(OUT_05) $(OUT_04) $(CFG)/06.json | $(VENV_OK)
 test: $(VENV_OK)  ## run the test suite (unit tests, doctests, CI-sized stage runs)
 	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules tests common
 
-bench: $(VENV_OK)  ## quality/speed benchmarks on the demo competition (slow; writes bench/results.json)
-	$(PY) tests/benchmarks.py $(ARGS)
+bench: $(VENV_OK)  ## quality/speed benchmarks on the demo competition (slow; fresh make all into DATA/bench; BENCH_ARGS=--variants)
+	$(PY) tests/benchmarks.py --raw $(RAW) --data $(DATA)/bench --config $(CONFIG) $(foreach s,$(SET),--set $(s)) $(BENCH_ARGS)
 
 predict: $(VENV_OK)  ## top-k database matches for new photos: make predict IMAGES="a.jpg b.jpg"
 	$(PY) 06_ensemble_submit.py $(ARGS) --predict $(IMAGES)

@@ -1,18 +1,18 @@
 """Training images as tensors: label encoding, mirrored identities, seeded augmentation.
 
-``FlukeDataset[key]`` takes an index or an ``(index, flip)`` pair (from common/samplers.py).
+``FlukeDataset[key]`` takes an index or an ``(index, flip[, aug_seed])`` key (common/samplers.py).
 A flipped image is mirrored left-right before augmentation and, with ``mirror_offset = n``,
 labelled ``label + n``: with ``augment.hflip: new_identity`` a mirrored fluke is trained as
 another whale (the trailing-edge pattern is not mirror-symmetric), so the head has 2n classes.
 
-albumentations draws from its own generator, not torch's: :func:`make_loader` reseeds it per
-epoch (and per DataLoader worker) so augmentation is reproducible and resumable.
+albumentations draws from its own generator, not torch's: an ``aug_seed`` in the key reseeds it
+for that item, so augmentation is reproducible and resumable whatever the DataLoader workers.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from .io import read_image
 
@@ -53,7 +53,9 @@ class FlukeDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, key):
-        idx, flip = key if isinstance(key, tuple) else (key, False)
+        idx, flip, seed = (tuple(key) + (None,))[:3] if isinstance(key, tuple) else (key, False, None)
+        if seed is not None:
+            self.reseed(seed)
         img = read_image(self.paths[idx])
         if flip:
             img = np.ascontiguousarray(img[:, ::-1])
@@ -66,15 +68,8 @@ class FlukeDataset(Dataset):
             self.transform.set_random_seed(int(seed) % 2**32)
 
 
-def _reseed_worker(worker_id: int) -> None:
-    info = get_worker_info()
-    info.dataset.reseed(info.seed)
-
-
-def make_loader(dataset: FlukeDataset, batch_sampler, seed: int, num_workers: int = 0,
-                pin_memory: bool = False) -> DataLoader:
-    """A DataLoader over PK batches whose augmentation stream depends only on ``seed``."""
-    dataset.reseed(seed)
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers,
-                      worker_init_fn=_reseed_worker if num_workers > 0 else None,
-                      generator=torch.Generator().manual_seed(int(seed)), pin_memory=pin_memory)
+def make_loader(dataset: FlukeDataset, batch_sampler, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """A DataLoader over sampler batches; with workers they persist across epochs (create a new
+    loader after changing ``dataset.transform``)."""
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(0))

@@ -89,7 +89,9 @@ def predict(cfg: dict, paths, photos, top_k: int = 20, out=None) -> int:
     write_csv(dest, df)
     with pd.option_context("display.max_rows", None, "display.width", 160):
         for p, g in df.groupby("query", sort=False):
-            print(f"\n{p}  (best Id: {g['Id'].iloc[0] or 'unknown'}, similarity {g['similarity'].iloc[0]:.3f})")
+            known = g[g["Id"] != ""]
+            best = f"{known['Id'].iloc[0]} (similarity {known['similarity'].iloc[0]:.3f})" if len(known) else "none in the top-k"
+            print(f"\n{p}  nearest known Id: {best}")
             print(g.drop(columns="query").to_string(index=False))
     print(f"\nwrote {dest}")
     return 0

@@ -8,9 +8,10 @@ with P distinct identities; a short last batch is filled with extra random group
 With ``flip=True`` each group is mirrored as a whole with probability 0.5 (the dataset then gives
 it the mirrored identity's label), so the K positives of a batch share one orientation.
 
-The sampler yields lists of ``(index, flip)`` pairs, for ``DataLoader(batch_sampler=...)`` over
-a dataset that accepts such keys (common/datasets.py). The order depends only on
-``(seed, epoch)``: call ``set_epoch`` before each epoch; resumed runs replay it exactly.
+The sampler yields lists of ``(index, flip, aug_seed)`` keys, for ``DataLoader(batch_sampler=...)``
+over a dataset that accepts them (common/datasets.py); ``aug_seed`` seeds that item's
+augmentation. Order, flips and augmentation depend only on ``(seed, epoch)``, not on DataLoader
+workers: call ``set_epoch`` before each epoch; a resumed run replays it exactly.
 """
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ class PKSampler(Sampler):
         out = []
         for batch in batches:
             flips = rng.random(len(batch)) < 0.5 if self.flip else np.zeros(len(batch), bool)
-            out.append([(int(i), bool(f)) for (_, chunk), f in zip(batch, flips) for i in chunk])
+            keys = [(int(i), bool(f)) for (_, chunk), f in zip(batch, flips) for i in chunk]
+            out.append([(i, f, int(a)) for (i, f), a in zip(keys, rng.integers(0, 2**31 - 1, len(keys)))])
         self._cache = (self.epoch, out)
         return out
 

@@ -9,6 +9,8 @@
   backbone ``lr * backbone_lr_mult``, neck ``lr``, head ``lr * head_lr_mult``; linear warmup then
   cosine to ``min_lr_frac`` (or SGDR warm restarts), stepped every batch; gradient clipping;
   mixed precision and channels-last on CUDA; progressive resizing ``[[size, epochs], ...]``;
+* the margin head starts at its classes' mean embeddings (``imprint``); ``freeze_bn`` keeps the
+  backbone's BatchNorm statistics fixed, which short runs with small PK batches need (CPU demo);
 * validation on the local split every ``val_every`` epochs (MAP@20, MAP@5, top-1, hit@20; the
   starting weights are scored as epoch 0), ``best.pt`` by ``train.metric``, ``last.pt`` every
   epoch; ``resume=True`` continues from last.pt (weights, optimiser, schedule, RNG) and ends
@@ -361,25 +363,17 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
     tcfg = member["train"]
     if epochs is not None:
         tcfg["epochs"] = int(epochs)
-        tcfg["progressive"] = None if not tcfg.get("progressive") else _trim(tcfg["progressive"], int(epochs))
+        tcfg["progressive"] = _trim(tcfg["progressive"], int(epochs)) if tcfg.get("progressive") else None
     phases = resolve_phases(tcfg, member["model"]["img_size"])
     n_epochs = sum(n for _, n in phases)
     out_dir, device, seed = Path(out_dir), _device(device), int(member.get("seed", 0))
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     seed_everything(seed, deterministic)
-
-    state = None
-    if resume and last_path.exists():
-        state = torch.load(last_path, map_location="cpu", weights_only=False)
-        if state.get("classes") != encode_labels(train_df["Id"])[1]:
-            raise ValueError(f"cannot resume from {last_path}: the training identities changed; rerun without --resume")
-        print(f"resuming {member['name']} from {last_path} (epoch {state['epoch']}/{n_epochs})")
-    elif resume:
-        print(f"no {last_path} to resume from: training {member['name']} from the start")
+    state = _resume_state(out_dir / "last.pt", train_df, member["name"], n_epochs) if resume else None
     run = _setup(member, train_df, init, device, state)
+    start = int(state["epoch"]) if state else 0
     history = list(state["history"]) if state else []
     best = dict(state["best"]) if state else {"score": -math.inf, "epoch": 0, "metrics": {}}
-    start = int(state["epoch"]) if state else 0
+    run.step = int(state.get("step", 0)) if state else 0
     if state:
         run.opt.load_state_dict(state["optimizer"])
         if state.get("scaler"):
@@ -391,67 +385,90 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
             "member": member, "init": str(init) if init else member["model"].get("pretrained"),
             "device": str(device), "phases": phases, "n_images": len(train_df), "n_identities": len(run.classes),
             "n_classes": len(run.classes) * (2 if run.flip else 1), "n_val": 0 if val_df is None else len(val_df)})
-    writer = SummaryWriter(str(out_dir / "tb"))
+    writer = SummaryWriter(str(out_dir / "tb"), purge_step=run.step if state else None)
     emb_kw = dict(device=device, batch_size=int(tcfg.get("batch_embed", 64)), num_workers=num_workers, progress=progress)
     if start == 0 and val_df is not None and tcfg.get("eval_init", True):
         history = [{"epoch": 0, "img_size": phases[0][0], **evaluate(run.model, val_df, phases[0][0], **emb_kw)}]
         _log_epoch(writer, history[0])
-
     if start == 0 and tcfg.get("imprint", True):
         imprint_head(run, phases[0][0], emb_kw["batch_size"], num_workers, seed, progress)
 
-    lr = float(tcfg["lr"])
     sched = dict(total=n_epochs, warmup=float(tcfg.get("warmup_epochs", 0) or 0), schedule=tcfg.get("schedule", "cosine"),
                  floor=float(tcfg.get("min_lr_frac", 0.01)), cycle=float(tcfg.get("sgdr_cycle", 5)),
                  mult=float(tcfg.get("sgdr_mult", 2)))
     size, end = None, n_epochs if stop_after is None else min(n_epochs, start + int(stop_after))
     for epoch in range(start, end):
-        if size_at(phases, epoch) != size:
+        if size_at(phases, epoch) != size:  # a new progressive-resizing phase (or the first epoch)
             size = size_at(phases, epoch)
             run.dataset.transform = _train_transform(run, member, size)
-        run.sampler.set_epoch(epoch)
-        loader = make_loader(run.dataset, run.sampler, seed * 100_003 + epoch, num_workers, device.type == "cuda")
-        train_mode(run.model, run.freeze_bn)
-        run.loss_fn.train()
-        t0, sums, n = time.time(), {}, 0
-        bar = tqdm(loader, desc=f"{member['name']} epoch {epoch + 1}/{n_epochs} @{size}px", disable=not progress)
-        for i, (x, y) in enumerate(bar):
-            f = lr_factor(epoch + i / len(loader), **sched)
-            loss, parts = _step(run, x, y, [lr * g["lr_mult"] * f for g in run.opt.param_groups], tcfg.get("grad_clip"))
-            step = epoch * len(loader) + i
-            writer.add_scalar("train/loss", loss, step)
-            writer.add_scalar("train/lr", lr * f, step)
-            for k, v in {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()}}.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
-            bar.set_postfix(loss=f"{sums['loss'] / n:.3f}")
-        row = {"epoch": epoch + 1, "img_size": size, "lr": lr * f, **{k: v / max(n, 1) for k, v in sums.items()}}
+            loader = make_loader(run.dataset, run.sampler, num_workers, device.type == "cuda")
+        t0 = time.time()
+        row = {"epoch": epoch + 1, "img_size": size,
+               **_train_epoch(run, loader, epoch, sched, tcfg, writer, f"{member['name']} epoch {epoch + 1}/{n_epochs} "
+                              f"@{size}px", progress)}
         validate = val_df is not None and ((epoch + 1) % int(tcfg.get("val_every", 1) or 1) == 0 or epoch + 1 == n_epochs)
         if validate:
             row.update(evaluate(run.model, val_df, size, **emb_kw))
         row["time_s"] = round(time.time() - t0, 1)
         history.append(row)
         _log_epoch(writer, row)
-        score = row.get(tcfg.get("metric", "map20"), math.nan) if validate else math.nan
-        improved = val_df is None or best["epoch"] == 0 and validate or score > best["score"]
+        score = row.get(tcfg.get("metric", "map20"), math.nan)
+        score = -math.inf if math.isnan(score) else score
+        improved = val_df is None or (validate and (best["epoch"] == 0 or score > best["score"]))
         if improved:
-            best = {"score": score if validate else math.nan, "epoch": epoch + 1,
-                    "metrics": {k: row[k] for k in row if k in METRICS or k == "n_queries"}}
-        ckpt = {"model": run.model.state_dict(), "head": run.loss_fn.head.state_dict() if run.loss_fn.head else None,
-                "member": member, "classes": run.classes, "epoch": epoch + 1, "optimizer": run.opt.state_dict(),
-                "scheduler": {**sched, "t": epoch + 1, "phases": phases}, "metrics": row, "history": history,
-                "best": best, "scaler": run.scaler.state_dict(), "rng": _rng_state(),
-                "init": str(init) if init else member["model"].get("pretrained")}
-        save_torch(last_path, ckpt)
-        if improved:
-            save_torch(best_path, dict(ckpt, optimizer=None, scaler=None, rng=None))
-        write_csv(out_dir / "history.csv", _history_frame(history))
+            best = {"score": score, "epoch": epoch + 1, "metrics": {k: row[k] for k in (*METRICS, "n_queries") if k in row}}
+        _save(run, member, out_dir, history, best, improved, sched, phases, init)
         plot_history(history, out_dir / "curves.png", f"{member['name']}: {tcfg.get('loss')} on {len(train_df)} images")
         print(f"{member['name']} epoch {epoch + 1}/{n_epochs}: " + ", ".join(
             f"{k} {row[k]:.4f}" for k in ("loss", *METRICS) if k in row) + f" ({row['time_s']}s)")
     writer.close()
-    return {"best": str(best_path), "last": str(last_path), "metrics": best["metrics"], "history": history,
-            "best_epoch": best["epoch"]}
+    return {"best": str(out_dir / "best.pt"), "last": str(out_dir / "last.pt"), "metrics": best["metrics"],
+            "history": history, "best_epoch": best["epoch"]}
+
+
+def _resume_state(last_path: Path, train_df: pd.DataFrame, name: str, n_epochs: int) -> dict | None:
+    if not last_path.exists():
+        print(f"no {last_path} to resume from: training {name} from the start")
+        return None
+    state = torch.load(last_path, map_location="cpu", weights_only=False)
+    if state.get("classes") != encode_labels(train_df["Id"])[1]:
+        raise ValueError(f"cannot resume from {last_path}: the training identities changed; rerun without --resume")
+    print(f"resuming {name} from {last_path} (epoch {state['epoch']}/{n_epochs})")
+    return state
+
+
+def _train_epoch(run, loader, epoch: int, sched: dict, tcfg: dict, writer, desc: str, progress: bool) -> dict:
+    """One pass over the PK batches of ``epoch``; returns the mean losses and the last LR."""
+    run.sampler.set_epoch(epoch)
+    train_mode(run.model, run.freeze_bn)
+    run.loss_fn.train()
+    lr, sums, n, f = float(tcfg["lr"]), {}, 0, 1.0
+    bar = tqdm(loader, desc=desc, disable=not progress)
+    for i, (x, y) in enumerate(bar):
+        f = lr_factor(epoch + i / len(loader), **sched)
+        loss, parts = _step(run, x, y, [lr * g["lr_mult"] * f for g in run.opt.param_groups], tcfg.get("grad_clip"))
+        writer.add_scalar("train/loss", loss, run.step)
+        writer.add_scalar("train/lr", lr * f, run.step)
+        run.step += 1
+        for k, v in {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()}}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n += 1
+        bar.set_postfix(loss=f"{sums['loss'] / n:.3f}")
+    return {"lr": lr * f, **{k: v / max(n, 1) for k, v in sums.items()}}
+
+
+def _save(run, member: dict, out_dir: Path, history: list, best: dict, improved: bool, sched: dict, phases, init) -> None:
+    """last.pt (everything --resume needs), best.pt when improved (no optimiser state), history.csv."""
+    epoch = history[-1]["epoch"]
+    ckpt = {"model": run.model.state_dict(), "head": run.loss_fn.head.state_dict() if run.loss_fn.head else None,
+            "member": member, "classes": run.classes, "epoch": epoch, "optimizer": run.opt.state_dict(),
+            "scheduler": {**sched, "t": epoch, "phases": phases}, "metrics": history[-1], "history": history,
+            "best": best, "step": run.step, "scaler": run.scaler.state_dict(), "rng": _rng_state(),
+            "init": str(init) if init else member["model"].get("pretrained")}
+    save_torch(out_dir / "last.pt", ckpt)
+    if improved:
+        save_torch(out_dir / "best.pt", dict(ckpt, optimizer=None, scaler=None, rng=None))
+    write_csv(out_dir / "history.csv", _history_frame(history))
 
 
 def _trim(progressive, epochs: int) -> list:
@@ -499,10 +516,10 @@ def lr_find(member: dict, train_df: pd.DataFrame, out_png, *, init=None, device=
 
 def _cycle(run, num_workers: int):
     """PK batches epoch after epoch, without end."""
-    epoch = 0
+    loader, epoch = make_loader(run.dataset, run.sampler, num_workers), 0
     while True:
         run.sampler.set_epoch(epoch)
-        yield from make_loader(run.dataset, run.sampler, epoch, num_workers)
+        yield from loader
         epoch += 1
 
 

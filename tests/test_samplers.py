@@ -10,7 +10,7 @@ LABELS = np.repeat(np.arange(9), [1, 2, 3, 5, 9, 4, 4, 4, 4])
 
 
 def ids_of(batch):
-    return [LABELS[i] for i, _ in batch]
+    return [LABELS[i] for i, _, _ in batch]
 
 
 def test_every_image_and_identity_every_epoch_in_full_pk_batches():
@@ -19,7 +19,7 @@ def test_every_image_and_identity_every_epoch_in_full_pk_batches():
         s.set_epoch(epoch)
         batches = list(s)
         assert len(batches) == len(s)
-        seen = {i for b in batches for i, _ in b}
+        seen = {i for b in batches for i, _, _ in b}
         assert seen == set(range(len(LABELS))), "every image each epoch"
         for b in batches:
             counts = Counter(ids_of(b))
@@ -53,12 +53,17 @@ def test_flips_are_per_identity_group_and_roughly_half():
         s.set_epoch(epoch)
         for batch in s:
             per_group = {}
-            for i, f in batch:
+            for i, f, _ in batch:
                 per_group.setdefault(LABELS[i], set()).add(f)
             assert all(len(v) == 1 for v in per_group.values()), "positives share one orientation"
             flips += [next(iter(v)) for v in per_group.values()]
     assert 0.3 < np.mean(flips) < 0.7
-    assert not any(f for b in PKSampler(LABELS, 3, 4) for _, f in b)
+    assert not any(f for b in PKSampler(LABELS, 3, 4) for _, f, _ in b)
+
+
+def test_every_item_gets_its_own_augmentation_seed():
+    seeds = [a for b in PKSampler(LABELS, 3, 4) for _, _, a in b]
+    assert len(set(seeds)) == len(seeds)
 
 
 def test_p_is_capped_by_the_number_of_identities():
