@@ -3,8 +3,8 @@
 Each member (`members:` in the profile; `--model NAME` trains one) starts from its stage-03
 checkpoint (model.from_pretrain_stage, when stage 03 made one) or else from model.pretrained, and
 trains on clean/train.csv (train.fit: local = train_local rows validated on the local split,
-full = every train_full row without validation), on fluke crops when stage 02 made them.
-The frozen starting backbone is scored first as the baseline to beat (train.baseline).
+full = every train_full row without validation), on fluke crops when stage 02 made them. The
+untrained model.pretrained backbone (ImageNet) is scored first: the baseline to beat (train.baseline).
 Writes models/<member>/ (best.pt, last.pt, history.csv, curves.png, config.json, tb/) and
 updates models/summary.json (best checkpoint, scores and baseline per member).
 `--lr-find` only sweeps the learning rate (models/<member>/lr_find.png) and prints a suggestion.

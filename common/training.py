@@ -231,8 +231,8 @@ def imprint_head(run, size, batch_size: int = 64, num_workers: int = 0, seed: in
     n = len(run.labels)
     keys = [(i, False) for i in range(n)] + ([(i, True) for i in range(n)] if run.flip else [])
     order = np.random.default_rng(seed).permutation(len(keys))
-    dataset = FlukeDataset(run.dataset.paths, run.labels, build_transforms(size, run.model.mean, run.model.std, train=False),
-                           run.dataset.mirror_offset)
+    plain = build_transforms(size, run.model.mean, run.model.std, train=False)
+    dataset = FlukeDataset(run.dataset.paths, run.labels, plain, run.dataset.mirror_offset)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=[keys[i] for i in order], num_workers=num_workers,
                         drop_last=len(keys) % batch_size == 1)  # BatchNorm cannot take a batch of one
     train_mode(run.model, run.freeze_bn)
@@ -386,15 +386,16 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
             "device": str(device), "phases": phases, "n_images": len(train_df), "n_identities": len(run.classes),
             "n_classes": len(run.classes) * (2 if run.flip else 1), "n_val": 0 if val_df is None else len(val_df)})
     writer = SummaryWriter(str(out_dir / "tb"), purge_step=run.step if state else None)
-    emb_kw = dict(device=device, batch_size=int(tcfg.get("batch_embed", 64)), num_workers=num_workers, progress=progress)
+    emb_kw = dict(device=device, batch_size=int(tcfg.get("batch_embed", 64)), num_workers=num_workers,
+                  progress=progress)
     if start == 0 and val_df is not None and tcfg.get("eval_init", True):
         history = [{"epoch": 0, "img_size": phases[0][0], **evaluate(run.model, val_df, phases[0][0], **emb_kw)}]
         _log_epoch(writer, history[0])
     if start == 0 and tcfg.get("imprint", True):
         imprint_head(run, phases[0][0], emb_kw["batch_size"], num_workers, seed, progress)
 
-    sched = dict(total=n_epochs, warmup=float(tcfg.get("warmup_epochs", 0) or 0), schedule=tcfg.get("schedule", "cosine"),
-                 floor=float(tcfg.get("min_lr_frac", 0.01)), cycle=float(tcfg.get("sgdr_cycle", 5)),
+    sched = dict(total=n_epochs, warmup=float(tcfg.get("warmup_epochs", 0) or 0),
+                 schedule=tcfg.get("schedule", "cosine"), floor=float(tcfg.get("min_lr_frac", 0.01)), cycle=float(tcfg.get("sgdr_cycle", 5)),
                  mult=float(tcfg.get("sgdr_mult", 2)))
     size, end = None, n_epochs if stop_after is None else min(n_epochs, start + int(stop_after))
     for epoch in range(start, end):
@@ -406,7 +407,8 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
         row = {"epoch": epoch + 1, "img_size": size,
                **_train_epoch(run, loader, epoch, sched, tcfg, writer, f"{member['name']} epoch {epoch + 1}/{n_epochs} "
                               f"@{size}px", progress)}
-        validate = val_df is not None and ((epoch + 1) % int(tcfg.get("val_every", 1) or 1) == 0 or epoch + 1 == n_epochs)
+        every = int(tcfg.get("val_every", 1) or 1)
+        validate = val_df is not None and ((epoch + 1) % every == 0 or epoch + 1 == n_epochs)
         if validate:
             row.update(evaluate(run.model, val_df, size, **emb_kw))
         row["time_s"] = round(time.time() - t0, 1)
@@ -416,7 +418,8 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
         score = -math.inf if math.isnan(score) else score
         improved = val_df is None or (validate and (best["epoch"] == 0 or score > best["score"]))
         if improved:
-            best = {"score": score, "epoch": epoch + 1, "metrics": {k: row[k] for k in (*METRICS, "n_queries") if k in row}}
+            best = {"score": score, "epoch": epoch + 1,
+                    "metrics": {k: row[k] for k in (*METRICS, "n_queries") if k in row}}
         _save(run, member, out_dir, history, best, improved, sched, phases, init)
         plot_history(history, out_dir / "curves.png", f"{member['name']}: {tcfg.get('loss')} on {len(train_df)} images")
         print(f"{member['name']} epoch {epoch + 1}/{n_epochs}: " + ", ".join(
@@ -457,7 +460,8 @@ def _train_epoch(run, loader, epoch: int, sched: dict, tcfg: dict, writer, desc:
     return {"lr": lr * f, **{k: v / max(n, 1) for k, v in sums.items()}}
 
 
-def _save(run, member: dict, out_dir: Path, history: list, best: dict, improved: bool, sched: dict, phases, init) -> None:
+def _save(run, member: dict, out_dir: Path, history: list, best: dict, improved: bool, sched: dict, phases,
+          init) -> None:
     """last.pt (everything --resume needs), best.pt when improved (no optimiser state), history.csv."""
     epoch = history[-1]["epoch"]
     ckpt = {"model": run.model.state_dict(), "head": run.loss_fn.head.state_dict() if run.loss_fn.head else None,
@@ -491,21 +495,24 @@ def _trim(progressive, epochs: int) -> list:
 def lr_find(member: dict, train_df: pd.DataFrame, out_png, *, init=None, device=None, start_lr: float = 1e-6,
             end_lr: float = 1.0, num_iter: int = 100, num_workers: int = 0, progress: bool = True) -> float:
     """Exponential LR sweep (``train.lr`` from start_lr to end_lr, group multipliers kept) on PK
-    batches; saves the smoothed loss-vs-LR plot to ``out_png`` and returns the suggested LR
-    (steepest descent of the smoothed loss before its minimum), which it also prints."""
+    batches from the starting weights (head imprinted as in :func:`fit`); saves the smoothed
+    loss-vs-LR plot to ``out_png`` and returns (and prints) the suggested LR (:func:`suggest_lr`)."""
     device = _device(device)
     seed_everything(int(member.get("seed", 0)))
     run = _setup(member, train_df, init, device)
-    run.dataset.transform = _train_transform(run, member, member["model"]["img_size"])
+    size = member["model"]["img_size"]
+    if member["train"].get("imprint", True):
+        imprint_head(run, size, int(member["train"].get("batch_embed", 64)), num_workers, progress=progress)
+    run.dataset.transform = _train_transform(run, member, size)
     train_mode(run.model, run.freeze_bn)
     lrs, losses, avg = [], [], 0.0
     for i, (x, y) in enumerate(tqdm(_cycle(run, num_workers), total=num_iter, desc=f"lr_find {member['name']}",
                                     disable=not progress)):
         lr = start_lr * (end_lr / start_lr) ** (i / max(num_iter - 1, 1))
         loss, _ = _step(run, x, y, [lr * g["lr_mult"] for g in run.opt.param_groups], member["train"].get("grad_clip"))
-        avg = 0.9 * avg + 0.1 * loss
+        avg = 0.98 * avg + 0.02 * loss
         lrs.append(lr)
-        losses.append(avg / (1 - 0.9 ** (i + 1)))  # bias-corrected moving average
+        losses.append(avg / (1 - 0.98 ** (i + 1)))  # bias-corrected moving average, as fast.ai
         if i + 1 >= num_iter or (i > 5 and losses[-1] > 4 * min(losses)):  # done, or diverging
             break
     suggestion = suggest_lr(lrs, losses)
@@ -524,19 +531,27 @@ def _cycle(run, num_workers: int):
 
 
 def suggest_lr(lrs, losses) -> float:
-    """The LR where the loss falls fastest (per log-LR) before it reaches its minimum.
+    """fast.ai's "valley": the longest stretch over which the smoothed loss keeps falling (a longest
+    decreasing subsequence, robust to the noise of small batches); the LR halfway into its
+    middle third.
 
     >>> lrs = [10 ** (-6 + i * 0.25) for i in range(25)]
     >>> losses = [5 - 4 / (1 + math.exp(-3 * (math.log10(lr) + 3))) + max(0, math.log10(lr) + 1) * 5 for lr in lrs]
-    >>> round(math.log10(suggest_lr(lrs, losses)), 2)
-    -3.0
+    >>> -4 < math.log10(suggest_lr(lrs, losses)) < -2
+    True
     """
-    lrs, losses = np.asarray(lrs, float), np.asarray(losses, float)
-    if len(lrs) < 3:
-        return float(lrs[0] if len(lrs) else 1e-3)
-    stop = max(int(np.argmin(losses)), 2) + 1
-    grad = np.gradient(losses[:stop], np.log10(lrs[:stop]))
-    return float(lrs[int(np.argmin(grad))])
+    losses = np.asarray(losses, float)
+    n = len(losses)
+    if n < 3:
+        return float(lrs[0] if n else 1e-3)
+    run = np.ones(n, int)  # length of the longest decreasing run ending at i
+    for i in range(1, n):
+        earlier = run[:i][losses[:i] > losses[i]]
+        run[i] = 1 + (earlier.max() if len(earlier) else 0)
+    end = int(np.argmax(run))
+    begin = end - int(run[end]) + 1
+    third = (end - begin) / 3
+    return float(lrs[min(n - 1, begin + int(third) + int(third / 2))])
 
 
 def _plot_lr_find(lrs, losses, suggestion, dest, name) -> Path:
@@ -547,7 +562,7 @@ def _plot_lr_find(lrs, losses, suggestion, dest, name) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(lrs, losses)
-    ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.1e}")
+    ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.1e} (valley)")
     ax.set(xscale="log", xlabel="learning rate (train.lr)", ylabel="smoothed training loss", title=f"lr_find: {name}")
     ax.grid(alpha=0.3, which="both")
     ax.legend()

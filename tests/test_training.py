@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from common import training
+from common.augment import build_transforms
+from common.io import read_image
 from common.config import load_config, member_config
 from common.models import build_model, load_checkpoint
 
@@ -143,3 +145,23 @@ def test_frozen_baseline_scores_pooled_backbone_features(toy):
     scores = training.frozen_baseline(tiny_member(), val, device="cpu", progress=False)
     assert set(scores) >= {"map20", "map5", "top1", "hit20"} and scores["n_queries"] == int(val.is_query.sum())
     assert 0 <= scores["map20"] <= 1 and not math.isnan(scores["top1"])
+
+
+def test_imprinting_puts_each_class_centre_at_its_images(toy):
+    df, _ = toy
+    member = tiny_member(freeze_bn=True)
+    member["augment"]["hflip"] = False
+    run = training._setup(member, df, None, torch.device("cpu"))
+    plain = build_transforms(48, run.model.mean, run.model.std, train=False)
+    x = torch.stack([plain(image=read_image(p))["image"] for p in df["path"]])
+    random_acc = _nearest_centre_accuracy(run, x)
+    training.imprint_head(run, 48, batch_size=64, progress=False)
+    assert torch.allclose(run.loss_fn.head.weight.norm(dim=1), torch.ones(6), atol=1e-5)
+    assert _nearest_centre_accuracy(run, x) >= max(0.6, random_acc + 0.3)
+
+
+def _nearest_centre_accuracy(run, x) -> float:
+    training.train_mode(run.model, run.freeze_bn)
+    with torch.no_grad():
+        predicted = run.loss_fn.head.cosine(run.model(x)).argmax(1).numpy()
+    return float((predicted == run.labels).mean())
