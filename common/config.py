@@ -220,6 +220,7 @@ def prepare_environment(cfg: dict, paths) -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(paths.yolo_config_dir))
     os.environ.setdefault("TORCH_HOME", str(paths.data / ".torch"))
+    os.environ.setdefault("MPLCONFIGDIR", str(paths.data / ".matplotlib"))
 
 
 def main(argv=None) -> int:
