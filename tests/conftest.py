@@ -1,4 +1,5 @@
 """Shared fixtures. Tests never touch the network, the user's home or the project's data/."""
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -13,3 +14,19 @@ if "YOLO_CONFIG_DIR" not in os.environ:
     import tempfile
 
     os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="yolo-cfg-")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tree_hash():
+    """Hash of a folder's names and bytes, to assert that a stage left it untouched."""
+    def _hash(folder):
+        h = hashlib.sha1()
+        for p in sorted(Path(folder).rglob("*")):
+            h.update(str(p.relative_to(folder)).encode())
+            if p.is_file():
+                h.update(p.read_bytes())
+        return h.hexdigest()
+    return _hash

@@ -1,5 +1,4 @@
 """common/cleaning.py: every cleaning rule on planted dirt, bad input errors, the split, atomic output."""
-import hashlib
 import subprocess
 import sys
 
@@ -63,15 +62,6 @@ def plant(raw, pretrain=True):
     return raw
 
 
-def tree_hash(folder):
-    h = hashlib.sha1()
-    for p in sorted(folder.rglob("*")):
-        h.update(str(p.relative_to(folder)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 @pytest.fixture
 def raw(tmp_path):
     return plant(tmp_path / "raw")
@@ -129,7 +119,7 @@ def test_min_side_is_configurable(raw, tmp_path):
         clean_competition(paths, {**CFG, "min_side": 41}, progress=False)
 
 
-def test_raw_folder_is_never_written(raw, tmp_path):
+def test_raw_folder_is_never_written(raw, tmp_path, tree_hash):
     before = tree_hash(raw)
     paths = Paths(raw, tmp_path / "data")
     tables, report = clean_competition(paths, CFG, progress=False)
@@ -235,7 +225,7 @@ def test_clean_dir_is_replaced_as_a_whole(raw, tmp_path, cleaned):
     assert sorted(p.name for p in paths.data.iterdir()) == ["clean"], "no staging folders left behind"
 
 
-def test_failed_write_keeps_the_previous_clean_dir(cleaned, monkeypatch):
+def test_failed_write_keeps_the_previous_clean_dir(cleaned, monkeypatch, tree_hash):
     paths, tables, report = cleaned
     write_clean_dir(paths, tables, report)
     before = tree_hash(paths.clean_dir)

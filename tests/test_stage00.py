@@ -1,5 +1,4 @@
 """Stage 00 through the Makefile on a tiny generated demo competition (CI smoke)."""
-import hashlib
 import os
 import subprocess
 import sys
@@ -17,15 +16,6 @@ def make_00(raw, data, *extra):
                            "PROFILE=tiny", *extra], env=env, capture_output=True, text=True)
 
 
-def tree_hash(folder):
-    h = hashlib.sha1()
-    for p in sorted(folder.rglob("*")):
-        h.update(str(p.relative_to(folder)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
 @pytest.fixture(scope="module")
 def competition(tmp_path_factory):
     from common.demo_data import generate
@@ -40,7 +30,7 @@ def test_help():
     assert out.returncode == 0 and "clean.min_side" in out.stdout and "--raw" in out.stdout
 
 
-def test_make_00_cleans_the_tiny_demo(competition, tmp_path):
+def test_make_00_cleans_the_tiny_demo(competition, tmp_path, tree_hash):
     (raw, planted), data = competition, tmp_path / "data"
     before = tree_hash(raw)
     out = make_00(raw, data)
