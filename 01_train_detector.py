@@ -21,7 +21,7 @@ def main() -> int:
     from common.runtime import resolve_device
 
     det = cfg["detector"]
-    source = Path(det["boxes"]) if det.get("boxes") else paths.raw_boxes_csv
+    source = Path(det["boxes"]) if det["boxes"] else paths.raw_boxes_csv
     if not source.exists():
         reason = f"no annotations at {source}: stage 02 will use whole images (fallback=1)"
         print(f"01: {reason}")

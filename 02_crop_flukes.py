@@ -26,7 +26,7 @@ def main() -> int:
         print(f"error: {paths.detector_metrics} is missing: run stage 01 first (make 01)", file=sys.stderr)
         return 1
     trained = bool(read_json(paths.detector_metrics).get("trained"))
-    imgsz = int(crop.get("imgsz") or cfg["detector"]["imgsz"])
+    imgsz = int(crop["imgsz"] or cfg["detector"]["imgsz"])
     weights = paths.detector_weights if trained else None
     sig = cropping.signature(weights, crop, imgsz)
     jobs = cropping.crop_jobs(paths)

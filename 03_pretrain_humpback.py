@@ -35,8 +35,8 @@ def main() -> int:
     summary = {"members": dict(old.get("members", {}))}
     for name in names:
         member = training.pretrain_member(cfg, name)
-        crops = member["model"].get("use_crops", True)
-        fit = member["train"].get("fit", "local")
+        crops = member["model"]["use_crops"]
+        fit = member["train"]["fit"]
         train_df = tables.train_frame(paths, "pretrain", fit=fit, use_crops=crops)
         val_df = tables.val_frame(paths, "pretrain", use_crops=crops) if fit == "local" else None
         result = training.fit(member, train_df, val_df, paths.pretrain_dir(name), device=cfg["device"],

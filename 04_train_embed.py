@@ -31,17 +31,17 @@ def main() -> int:
     summary = {"members": dict(old) if args.model else {}}
     for name in names:
         member, init = training.stage04_member(cfg, paths, name)
-        crops = member["model"].get("use_crops", True)
-        fit = member["train"].get("fit", "local")
+        crops = member["model"]["use_crops"]
+        fit = member["train"]["fit"]
         train_df = tables.train_frame(paths, "train", fit=fit, use_crops=crops)
         kw = dict(init=init, device=cfg["device"], num_workers=cfg["num_workers"])
         if args.lr_find:
             training.lr_find(member, train_df, paths.member_dir(name) / "lr_find.png",
-                             num_iter=int(member["train"].get("lr_find_iters", 100)), **kw)
+                             num_iter=int(member["train"]["lr_find_iters"]), **kw)
             continue
         val_df = tables.val_frame(paths, "train", use_crops=crops) if fit == "local" else None
         baseline = old.get(name, {}).get("baseline") if args.resume else None  # measured by the first run
-        if baseline is None and val_df is not None and member["train"].get("baseline", True):
+        if baseline is None and val_df is not None and member["train"]["baseline"]:
             baseline = training.frozen_baseline(member, val_df, cfg["device"], member["train"]["batch_embed"],
                                                 cfg["num_workers"])
             print(f"{name} baseline (untrained {member['model']['pretrained']} backbone): "

@@ -1,21 +1,22 @@
 """Stage 06 - meta-embedding ensemble, faiss search, submission.
 
-Embeds the database (usable train + test images) with every member - the stage 05 checkpoint
-when pseudo-labels retrained it, else stage 04's - with flip TTA (tta.hflip), cached in
+Embeds the database (usable train + test images) with every member - with the checkpoint that
+stage 05's report names (its accepted pseudo-label retrain, else stage 04's) - with flip TTA (tta.hflip), cached in
 DATA/embeddings/ so that changing only ensemble weights re-embeds nothing. Joins them into the
 meta-embedding L2n(concat(w_i * L2n(e_i))) (weights: `ensemble:`), searches it with faiss
 (search.index flat | ivf, GPU when present) and writes:
   submission/submission.csv      no header; test image, then its 20 most similar database images
   submission/submission_ids.csv  Image,Id: 5 Ids, new_whale inserted at a similarity threshold
-                                 tuned on local validation (or search.new_whale_threshold)
+                                 tuned on local validation (or search.new_whale_threshold;
+                                 search.new_whale_untuned when validation has no queries)
   submission/scores.json         local scores of each member and the ensemble (+ demo test truth)
   submission/gallery.png         queries and their top matches, green = same whale
 Predict after the pipeline ran (crops with the detector when there is one):
   python 06_ensemble_submit.py --predict a.jpg b.jpg [--top-k 20] [--out matches.csv]
 """
-import sys
 
 from common.config import parse_stage_args
+from common.errors import run_stage
 
 
 def add_args(ap):
@@ -26,13 +27,12 @@ def add_args(ap):
 
 def main() -> int:
     cfg, paths, args = parse_stage_args(__doc__, extra=add_args)
-    from common.config import member_config, member_names
+    from common.config import ConfigError, member_config, member_names
     from common.embedding_store import embed_members
     from common.evaluation import format_scores, local_scores
     from common.gallery import retrieval_gallery
     from common.io import write_json
     from common.retrieval import meta_embedding
-    from common.submission import SubmissionError
     from common.tables import truth_frame
 
     if args.predict:
@@ -41,24 +41,19 @@ def main() -> int:
         return predict(cfg, paths, args.predict, args.top_k or cfg["search"]["k"], args.out)
     names = member_names(cfg)
     if not names:
-        return _fail("no ensemble members configured (members: in the config)")
-    try:
-        table, embs = embed_members(cfg, paths, names)
-    except (FileNotFoundError, ValueError) as e:
-        return _fail(e)
+        raise ConfigError("no ensemble members configured (members: in the config)")
+    table, embs = embed_members(cfg, paths, names)
     weights = {n: member_config(cfg, n)["weight"] for n in names}
     if len(names) > 1:
         embs["ensemble"] = meta_embedding([embs[n] for n in names], [weights[n] for n in names])
     final = "ensemble" if len(names) > 1 else names[0]
     s, truth = cfg["search"], truth_frame(paths)
     kw = dict(index=s["index"], nlist=s["ivf_nlist"], nprobe=s["ivf_nprobe"], gpu=s["gpu"])
-    scores = {n: local_scores(e, table, truth, s["k"], s["new_whale_threshold"], **kw) for n, e in embs.items()}
+    scores = {n: local_scores(e, table, truth, s["k"], s["new_whale_threshold"], s["new_whale_untuned"], **kw)
+              for n, e in embs.items()}
     print(format_scores(scores))
 
-    try:
-        report = write_submissions(paths, table, embs[final], scores[final]["val"].get("new_whale_threshold", 0.5), s, kw)
-    except SubmissionError as e:
-        return _fail(e)
+    report = write_submissions(paths, table, embs[final], scores[final]["val"]["new_whale_threshold"], s, kw)
     retrieval_gallery(embs[final], table, paths.gallery_png, truth, s["gallery_queries"], s["gallery_k"], **kw)
     write_json(paths.scores_json, {"final": final, "weights": weights, "scores": scores, **report})
     print(f"wrote {paths.submission_csv}, {paths.submission_ids_csv}, {paths.scores_json}, {paths.gallery_png}")
@@ -90,10 +85,5 @@ def write_submissions(paths, table, emb, threshold: float, s: dict, kw: dict) ->
     return {"new_whale_threshold": threshold, "filled_rows": missing, "new_whale_first": n_nw}
 
 
-def _fail(msg) -> int:
-    print(f"error: {msg}", file=sys.stderr)
-    return 1
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main)

@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import PipelineError
+
 CLASS_NAME = "fluke"
 MAKESENSE_COLUMNS = ["label_name", "bbox_x", "bbox_y", "bbox_width", "bbox_height",
                      "image_name", "image_width", "image_height"]
@@ -36,7 +38,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SKIP_REASONS = ("unparseable", "unknown_image", "unreadable_image", "zero_area", "outside_image")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(PipelineError, ValueError):
     """Annotations that cannot be used at all; the message names the file."""
 
 

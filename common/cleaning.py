@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .errors import PipelineError
 from .io import ImageReadError, read_image, save_figure, write_csv, write_json
 from .paths import Paths
 from .tables import NEW_WHALE
@@ -38,7 +39,7 @@ REASONS = ("unreadable", "too_small", "duplicate", "conflicting_duplicate")
 SPLIT_COLUMNS = ["Image", "Id", "val", "train_local", "train_full"]
 
 
-class CleaningError(ValueError):
+class CleaningError(PipelineError, ValueError):
     """Raw input that cannot be used; the message names the file or row."""
 
 
@@ -226,7 +227,7 @@ def cross_duplicates(a: pd.DataFrame, b: pd.DataFrame, a_name: str, b_name: str)
 def _clean_labelled(labels: pd.DataFrame, csv_path: Path, image_dir: Path, clean_cfg: dict, progress: bool,
                     desc: str):
     unlisted = sorted(set(list_files(image_dir)) - set(labels["Image"]))
-    info = inspect_images(image_dir, labels["Image"], clean_cfg.get("threads", 4), desc, progress)
+    info = inspect_images(image_dir, labels["Image"], clean_cfg["threads"], desc, progress)
     kept, dropped = apply_rules(labels, info, int(clean_cfg["min_side"]))
     if kept.empty:
         counts = ", ".join(f"{r} {sum(d['reason'] == r for d in dropped)}" for r in REASONS)
@@ -269,7 +270,7 @@ def _test_images(image_dir: Path) -> tuple[list[str], list[str]]:
 
 
 def _clean_test(image_dir: Path, names: list[str], ignored: list[str], clean_cfg: dict, progress: bool):
-    info = inspect_images(image_dir, names, clean_cfg.get("threads", 4), "inspect test", progress)
+    info = inspect_images(image_dir, names, clean_cfg["threads"], "inspect test", progress)
     bad = info[info["error"] != ""]
     report = {
         "found": len(names),

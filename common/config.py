@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
+import functools
 import hashlib
 import json
 import os
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .errors import PipelineError
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = ROOT / "configs"
@@ -46,7 +50,7 @@ STAGE_SECTIONS = {
 REPLACE_KEYS = ("members", "ensemble")
 
 
-class ConfigError(ValueError):
+class ConfigError(PipelineError, ValueError):
     """A config file or override that cannot be used; the message names it."""
 
 
@@ -110,26 +114,138 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
     return cfg
 
 
+# ---------------------------------------------------------------------------------------
+# Key checking: every key must be one default.yaml defines (a typo is an error, not a new key)
+# ---------------------------------------------------------------------------------------
+MEMBER_KEYS = ("model", "train", "augment", "pseudo", "enabled")   # what a `members:` entry may hold
+NULLABLE_SECTIONS = ("demo",)                                       # sections a profile may set to null
+
+
+def _unknown(key: str, known, where: str) -> ConfigError:
+    """Error for an unknown key, with the closest known key as a suggestion (as ultralytics does).
+
+    >>> str(_unknown("train.epoch", ["train.epochs", "train.lr"], "--set train.epoch=3"))
+    "unknown config key 'train.epoch' in --set train.epoch=3 (did you mean 'train.epochs'?)"
+    """
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else f"; see {DEFAULT_YAML.relative_to(ROOT)} for every key"
+    return ConfigError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def check_keys(over: dict, defaults: dict, where: str, prefix: str = "", root: dict | None = None) -> None:
+    """Raise :class:`ConfigError` when ``over`` (a profile, or one override as a nested dict) holds a
+    key that ``defaults`` (default.yaml) does not define. Free-form names: the entries of
+    ``members:`` (whose model/train/augment keys are checked against those sections) and of
+    ``ensemble:``; ``pretrain.train`` is checked against ``train``.
+
+    >>> d = {"train": {"epochs": 1, "lr": 0.1}, "model": {"img_size": 8}, "members": {}, "ensemble": {},
+    ...      "pretrain": {"enabled": True, "train": {}}, "augment": {}}
+    >>> check_keys({"train": {"lr": 1}, "members": {"m": {"model": {"img_size": 4}}}, "ensemble": {"m": 2}}, d, "x")
+    >>> check_keys({"trian": {"lr": 1}}, d, "--set trian.lr=1")
+    Traceback (most recent call last):
+    common.config.ConfigError: unknown config key 'trian' in --set trian.lr=1 (did you mean 'train'?)
+    >>> check_keys({"members": {"m": {"train": {"epoch": 2}}}}, d, "p.yaml")
+    Traceback (most recent call last):
+    common.config.ConfigError: unknown config key 'members.m.train.epoch' in p.yaml (did you mean 'members.m.train.epochs'?)
+    """
+    root = defaults if root is None else root
+    for key, value in (over or {}).items():
+        full = f"{prefix}{key}"
+        if key not in defaults:
+            raise _unknown(full, [f"{prefix}{k}" for k in defaults], where)
+        ref = defaults[key]
+        if full == "members":
+            for name, entry in (value or {}).items():
+                if entry is not None and not isinstance(entry, dict):
+                    raise ConfigError(f"members.{name} in {where} must be a mapping (model/train/augment/pseudo/enabled)")
+                for mk, mv in (entry or {}).items():
+                    if mk not in MEMBER_KEYS:
+                        raise _unknown(f"members.{name}.{mk}", [f"members.{name}.{k}" for k in MEMBER_KEYS], where)
+                    if mk in ("model", "train", "augment"):
+                        check_keys(mv, root[mk], where, f"members.{name}.{mk}.", root)
+        elif full == "ensemble":
+            if not isinstance(value, dict):
+                raise ConfigError(f"ensemble in {where} must map member names to weights")
+        elif full == "pretrain.train":
+            check_keys(value, root["train"], where, "pretrain.train.", root)
+        elif isinstance(ref, dict):
+            if value is None and full in NULLABLE_SECTIONS:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full} in {where} is a section: set its keys ({full}.<key>=...), not {value!r}")
+            check_keys(value, ref, where, f"{full}.", root)
+
+
+@functools.lru_cache(maxsize=1)
+def _default_yaml() -> dict:
+    return _read_yaml(DEFAULT_YAML)
+
+
+def default_config() -> dict:
+    """A fresh copy of configs/default.yaml (read once per process)."""
+    return copy.deepcopy(_default_yaml())
+
+
+def section(name: str, **over) -> dict:
+    """One section of default.yaml with some keys replaced (for library use and tests), e.g.
+    ``build_model(section("model", backbone="resnet18", pretrained="none"))``; unknown keys are errors.
+
+    >>> section("train", epochs=3)["epochs"], section("train")["loss"]
+    (3, 'arcface')
+    """
+    base = default_config()[name]
+    check_keys({name: over}, default_config(), f"section({name!r}, ...)")
+    return merge(base, over)
+
+
+def _nested(key: str, value: Any) -> dict:
+    """``"a.b.c", 1`` -> ``{"a": {"b": {"c": 1}}}``."""
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def check_ensemble(cfg: dict, where: str) -> None:
+    """Every ``ensemble:`` entry must name a configured member."""
+    members = list((cfg["members"] or {}))
+    for name in cfg["ensemble"] or {}:
+        if name not in members:
+            close = difflib.get_close_matches(name, members, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; members: {', '.join(members) or 'none'}"
+            raise ConfigError(f"ensemble.{name} in {where} names no configured member{hint}")
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
-    """default.yaml, then the profile at ``path`` (a file, or a profile name like ``demo``), then overrides."""
-    cfg = _read_yaml(DEFAULT_YAML)
+    """default.yaml, then the profile at ``path`` (a file, or a profile name like ``demo``), then
+    overrides; a key that default.yaml does not define is an error naming where it came from."""
+    defaults = default_config()
+    cfg, where = copy.deepcopy(defaults), str(DEFAULT_YAML.relative_to(ROOT))
     if path:
         p = Path(path)
         if not p.exists() and not p.suffix:
             p = CONFIG_DIR / f"{path}.yaml"
         if p.resolve() != DEFAULT_YAML.resolve():
-            profile = _read_yaml(p)
+            profile, shown = _read_yaml(p), str(p.resolve().relative_to(ROOT) if p.resolve().is_relative_to(ROOT) else p)
+            check_keys(profile, defaults, shown)
             cfg = merge(cfg, profile)
             for key in REPLACE_KEYS:  # a profile's member list replaces the default one
                 if key in profile:
                     cfg[key] = copy.deepcopy(profile[key])
+            where = shown
         cfg["profile"] = p.stem
-    return apply_overrides(cfg, overrides)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        check_keys(_nested(item.split("=", 1)[0].strip(), None), defaults, f"--set {item}")
+    cfg = apply_overrides(cfg, overrides)
+    check_ensemble(cfg, f"{where} / --set" if overrides else where)
+    return cfg
 
 
 def member_names(cfg: dict) -> list[str]:
     """Ensemble members, in config order (those whose entry is not ``null`` / ``enabled: false``)."""
-    return [n for n, m in (cfg.get("members") or {}).items() if m is not None and (m or {}).get("enabled", True)]
+    return [n for n, m in (cfg["members"] or {}).items() if m is not None and (m or {}).get("enabled", True)]
 
 
 def member_config(cfg: dict, name: str) -> dict:
@@ -138,18 +254,18 @@ def member_config(cfg: dict, name: str) -> dict:
     The member's entry in ``members:`` may override any key of ``model``/``train``/``augment``,
     e.g. ``members: {b: {model: {img_size: 160, dropout: 0.5}, train: {epochs: 4}}}``.
     """
-    members = cfg.get("members") or {}
+    members = cfg["members"] or {}
     if name not in members:
         raise ConfigError(f"unknown member {name!r}; configured members: {', '.join(members) or 'none'}")
     entry = members[name] or {}
     out = {
         "name": name,
-        "seed": cfg.get("seed", 0),
-        "model": merge(cfg.get("model", {}), entry.get("model", {})),
-        "train": merge(cfg.get("train", {}), entry.get("train", {})),
-        "augment": merge(cfg.get("augment", {}), entry.get("augment", {})),
+        "seed": cfg["seed"],
+        "model": merge(cfg["model"], entry.get("model") or {}),
+        "train": merge(cfg["train"], entry.get("train") or {}),
+        "augment": merge(cfg["augment"], entry.get("augment") or {}),
         "pseudo": bool(entry.get("pseudo", False)),
-        "weight": float((cfg.get("ensemble") or {}).get(name, entry.get("weight", 1.0))),
+        "weight": float((cfg["ensemble"] or {}).get(name, 1.0)),
     }
     return out
 
@@ -215,7 +331,7 @@ def parse_stage_args(description: str | None, argv=None, extra=None):
 
 def prepare_environment(cfg: dict, paths) -> None:
     """Offline-friendly environment for hub-backed libraries; call before importing them."""
-    offline = bool(cfg.get("offline", True))
+    offline = bool(cfg["offline"])
     os.environ["HF_HUB_OFFLINE"] = "1" if offline else os.environ.get("HF_HUB_OFFLINE", "0")
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(paths.yolo_config_dir))

@@ -81,7 +81,7 @@ def signature(weights, crop_cfg: dict, imgsz: int) -> str:
     else:
         h.update(b"no-detector")
     keys = ("conf", "margin", "max_side", "quality")
-    h.update(repr([crop_cfg.get(k) for k in keys] + [imgsz]).encode())
+    h.update(repr([crop_cfg[k] for k in keys] + [imgsz]).encode())
     return h.hexdigest()[:16]
 
 

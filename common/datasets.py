@@ -29,7 +29,7 @@ def encode_labels(ids) -> tuple[np.ndarray, list[str]]:
 
 def hflip_mode(augment_cfg: dict) -> bool:
     """True when ``augment.hflip`` asks for mirrored flukes as new identities; False for no flips."""
-    mode = augment_cfg.get("hflip", "new_identity")
+    mode = augment_cfg["hflip"]
     if mode in (False, None, "false", "none"):
         return False
     if mode == "new_identity":

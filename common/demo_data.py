@@ -59,6 +59,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from .errors import PipelineError
+
 NEW_WHALE = "new_whale"
 BOX_COLUMNS = ["label_name", "bbox_x", "bbox_y", "bbox_width", "bbox_height", "image_name", "image_width",
                "image_height"]
@@ -71,7 +73,7 @@ _X, _Y = np.meshgrid(np.arange(CW, dtype=np.float32), np.arange(CH, dtype=np.flo
 _U = (_X[0] - CX) / HALF
 
 
-class DemoError(ValueError):
+class DemoError(PipelineError, ValueError):
     """Bad demo config or output folder; the message names it."""
 
 
@@ -708,7 +710,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        summary = generate(args.out, cfg.get("demo"), progress=not args.quiet)
+        summary = generate(args.out, cfg["demo"], progress=not args.quiet)
     except (ConfigError, DemoError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import PipelineError
+
 LOGGERS_OFF = ("clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb")
 
 
-class DetectorError(RuntimeError):
+class DetectorError(PipelineError, RuntimeError):
     """A detector setup that cannot work (missing weights, bad model spec); the message says why."""
 
 
@@ -76,17 +78,17 @@ def train(data_yaml, det_cfg: dict, runs_dir, *, device="cpu", seed: int = 0) ->
     from ultralytics import YOLO
 
     dev = yolo_device(device)
-    amp = det_cfg.get("amp", "auto")
+    amp = det_cfg["amp"]
     amp = dev != "cpu" if amp in (None, "auto") else bool(amp)
     if amp and dev != "cpu" and os.environ.get("YOLO_OFFLINE") == "1":
         _skip_amp_self_test()
     model = YOLO(check_model_spec(det_cfg["model"]))
     model.train(data=str(data_yaml), epochs=int(det_cfg["epochs"]), imgsz=int(det_cfg["imgsz"]),
                 batch=int(det_cfg["batch"]), patience=int(det_cfg["patience"]), workers=int(det_cfg["workers"]),
-                optimizer=det_cfg.get("optimizer", "auto"), lr0=float(det_cfg["lr0"]),
-                nbs=int(det_cfg.get("nbs") or det_cfg["batch"]), warmup_epochs=float(det_cfg.get("warmup_epochs", 3.0)),
+                optimizer=det_cfg["optimizer"], lr0=float(det_cfg["lr0"]),
+                nbs=int(det_cfg["nbs"] or det_cfg["batch"]), warmup_epochs=float(det_cfg["warmup_epochs"]),
                 mosaic=float(det_cfg["mosaic"]),
-                close_mosaic=int(det_cfg.get("close_mosaic", 10)), cache=det_cfg.get("cache") or False,
+                close_mosaic=int(det_cfg["close_mosaic"]), cache=det_cfg["cache"] or False,
                 device=dev, amp=amp, seed=int(seed), plots=False, project=str(Path(runs_dir).resolve()),
                 name="train", exist_ok=True, verbose=False)
     return Path(model.trainer.save_dir)

@@ -102,28 +102,31 @@ def member_embeddings(ckpt, table: pd.DataFrame, cache_file, *, img_size: int | 
 
 
 def embed_members(cfg: dict, paths, names, ckpt_of=None, log=print) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    """Embed the database of every member in ``names`` with ``ckpt_of(name)`` (default
-    ``paths.final_ckpt``), using each member's crops setting, flip TTA per ``tta.hflip`` and the
+    """Embed the database of every member in ``names`` with ``ckpt_of(name)`` (default: the
+    checkpoint stage 05's report names), using each member's crops setting, flip TTA per ``tta.hflip`` and the
     cache. Returns ``(table, {name: (N, emb_dim) float32})``; the table's Image order is shared."""
     from .config import member_config
     from .runtime import resolve_device
     from .tables import test_frame, val_frame
 
-    ckpt_of = ckpt_of or paths.final_ckpt
-    device = resolve_device(cfg.get("device", "auto"))
-    tta = bool((cfg.get("tta") or {}).get("hflip", True))
+    if ckpt_of is None:
+        from .handoff import final_checkpoints
+
+        ckpt_of = final_checkpoints(paths, names).__getitem__
+    device = resolve_device(cfg["device"])
+    tta = bool(cfg["tta"]["hflip"])
     table, embs = None, {}
     for name in names:
         m = member_config(cfg, name)
-        t = database_table(val_frame(paths, "train", m["model"].get("use_crops", True)),
-                           test_frame(paths, m["model"].get("use_crops", True)))
+        t = database_table(val_frame(paths, "train", m["model"]["use_crops"]),
+                           test_frame(paths, m["model"]["use_crops"]))
         if table is not None and not t["Image"].equals(table["Image"]):
             raise RuntimeError("members disagree on the database images")  # cannot happen: same clean CSVs
         table = t if table is None else table
         ckpt = ckpt_of(name)
         embs[name], n_new = member_embeddings(ckpt, t, paths.embeddings_file(name), tta_hflip=tta,
-                                              batch_size=int(m["train"].get("batch_embed", 64)), device=device,
-                                              num_workers=int(cfg.get("num_workers", 0)), desc=f"embed {name}")
+                                              batch_size=int(m["train"]["batch_embed"]), device=device,
+                                              num_workers=int(cfg["num_workers"]), desc=f"embed {name}")
         log(f"{name}: {Path(ckpt).relative_to(paths.data) if Path(ckpt).is_relative_to(paths.data) else ckpt} - "
             f"embedded {n_new} images, {len(t) - n_new} from cache")
     return table, embs

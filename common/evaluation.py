@@ -34,13 +34,16 @@ def frequent_ids(table: pd.DataFrame) -> list[str]:
     return ids.value_counts(sort=True).index.tolist()
 
 
-def val_scores(emb, table: pd.DataFrame, k: int = 20, threshold: float | None = None) -> dict:
-    """Local-validation figures and the new_whale threshold tuned on them (unless given)."""
+def val_scores(emb, table: pd.DataFrame, k: int = 20, threshold: float | None = None, untuned: float = 0.5) -> dict:
+    """Local-validation figures and the new_whale threshold: ``threshold`` when configured, else
+    tuned on the queries, else (no queries to tune on) ``untuned``; ``threshold_source`` says which."""
     tr, _ = _split(table)
     e, ids = l2_normalize(emb[tr]), table["Id"].to_numpy(object)[tr]
     q = np.flatnonzero(table["is_query"].to_numpy()[tr].astype(bool))
     if not len(q):
-        return {"n_queries": 0}
+        source = "config" if threshold is not None else "untuned"
+        return {"n_queries": 0, "new_whale_threshold": float(untuned if threshold is None else threshold),
+                "threshold_source": source}
     scores, idx = search(e, e[q], max(k, id_search_depth(k, len(e))), exclude=q, gpu=False)
     out = evaluate_search(scores, idx, ids[q], ids, k=k)
     pred_ids, sims = rank_identities(scores, idx, ids, n=ID_N)
@@ -49,6 +52,7 @@ def val_scores(emb, table: pd.DataFrame, k: int = 20, threshold: float | None = 
     thr = tuned if threshold is None else float(threshold)
     out["map5_nw"] = kaggle_map5([insert_new_whale(i, s, thr, ID_N) for i, s in zip(pred_ids, sims)], truth)
     out["new_whale_threshold"] = thr
+    out["threshold_source"] = "tuned" if threshold is None else "config"
     return out
 
 
@@ -86,10 +90,11 @@ def score_test(emb, table: pd.DataFrame, truth: pd.DataFrame, threshold: float, 
 
 
 def local_scores(emb, table: pd.DataFrame, truth: pd.DataFrame | None = None, k: int = 20,
-                 threshold: float | None = None, **search_kw) -> dict:
-    """``{"val": {...}, "test": {...}}`` (test only with truth); see the module docstring."""
-    out = {"val": val_scores(emb, table, k, threshold)}
-    thr = out["val"].get("new_whale_threshold", 0.5 if threshold is None else threshold)
+                 threshold: float | None = None, untuned: float = 0.5, **search_kw) -> dict:
+    """``{"val": {...}, "test": {...}}`` (test only with truth); see the module docstring.
+    ``val.new_whale_threshold`` is the one the ID submission uses (see :func:`val_scores`)."""
+    out = {"val": val_scores(emb, table, k, threshold, untuned)}
+    thr = out["val"]["new_whale_threshold"]
     if truth is not None and (table["split"] == "test").any():
         out["test"] = score_test(emb, table, truth, thr, k, **search_kw)
     return out

@@ -12,6 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import PipelineError
+
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -96,7 +98,7 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-class ImageReadError(OSError):
+class ImageReadError(PipelineError, OSError):
     """An image file that cannot be decoded; the message names the file."""
 
 

@@ -120,25 +120,25 @@ class MetricLoss(nn.Module):
 
     def __init__(self, train_cfg: dict, emb_dim: int, n_classes: int, counts=None):
         super().__init__()
-        parts = [p.strip() for p in str(train_cfg.get("loss", "arcface")).split("+") if p.strip()]
+        parts = [p.strip() for p in str(train_cfg["loss"]).split("+") if p.strip()]
         bad = [p for p in parts if p not in LOSSES]
         if not parts or bad or sum(p in MARGIN_HEADS for p in parts) > 1:
-            raise ValueError(f"train.loss {train_cfg.get('loss')!r} must be one of {LOSSES} or one margin "
+            raise ValueError(f"train.loss {train_cfg['loss']!r} must be one of {LOSSES} or one margin "
                              f"head + triplet, e.g. 'arcface+triplet'")
         self.margin_kind = next((p for p in parts if p in MARGIN_HEADS), None)
         self.use_triplet = "triplet" in parts
-        self.triplet_margin = train_cfg.get("triplet_margin", 0.3)
-        self.triplet_weight = float(train_cfg.get("triplet_weight", 1.0))
-        self.ce_weight = float(train_cfg.get("ce_weight", 0.0) or 0.0)
-        self.label_smoothing = float(train_cfg.get("label_smoothing", 0.0) or 0.0)
+        self.triplet_margin = train_cfg["triplet_margin"]
+        self.triplet_weight = float(train_cfg["triplet_weight"])
+        self.ce_weight = float(train_cfg["ce_weight"] or 0.0)
+        self.label_smoothing = float(train_cfg["label_smoothing"] or 0.0)
         self.head = None
         if self.margin_kind or self.ce_weight > 0:
             kind = self.margin_kind or "cosface"
-            m = {"arcface": train_cfg.get("arcface_m", 0.5), "subcenter": train_cfg.get("arcface_m", 0.5),
-                 "cosface": train_cfg.get("cosface_m", 0.35)}[kind] if self.margin_kind else 0.0
-            self.head = MarginHead(emb_dim, n_classes, kind, s=float(train_cfg.get("arcface_s", 30.0)),
-                                   m=float(m), k=int(train_cfg.get("subcenter_k", 3)))
-        weights = class_weights(counts) if counts is not None and train_cfg.get("class_weights") else None
+            m = {"arcface": train_cfg["arcface_m"], "subcenter": train_cfg["arcface_m"],
+                 "cosface": train_cfg["cosface_m"]}[kind] if self.margin_kind else 0.0
+            self.head = MarginHead(emb_dim, n_classes, kind, s=float(train_cfg["arcface_s"]),
+                                   m=float(m), k=int(train_cfg["subcenter_k"]))
+        weights = class_weights(counts) if counts is not None and train_cfg["class_weights"] else None
         self.register_buffer("weight", weights, persistent=False)
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor):

@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import PipelineError
 from . import weights
 
 POOLS = ("gem", "avg")
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(PipelineError, ValueError):
     """A model config value that cannot be built; the message names the key."""
 
 
@@ -82,24 +83,24 @@ def build_model(model_cfg: dict) -> EmbeddingNet:
     import timm
 
     cfg = dict(model_cfg)
-    name = str(cfg.get("backbone", ""))
+    name = str(cfg["backbone"])
     if not timm.is_model(name):
         import difflib
 
         close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
         raise ModelConfigError(f"model.backbone={name!r} is not a timm model"
                                + (f"; did you mean {', '.join(close)}?" if close else ""))
-    pool = str(cfg.get("pool", "gem")).lower()
+    pool = str(cfg["pool"]).lower()
     if pool not in POOLS:
         raise ModelConfigError(f"model.pool={pool!r}; expected one of {POOLS}")
-    emb_dim = int(cfg.get("emb_dim", 256))
-    dropout = float(cfg.get("dropout", 0.0) or 0.0)
+    emb_dim = int(cfg["emb_dim"])
+    dropout = float(cfg["dropout"] or 0.0)
     if emb_dim < 1 or not 0.0 <= dropout < 1.0:
         raise ModelConfigError(f"model.emb_dim must be >= 1 and model.dropout in [0, 1) (got {emb_dim}, {dropout})")
-    kind = weights.pretrained_kind(cfg.get("pretrained", "none"))
+    kind = weights.pretrained_kind(cfg["pretrained"])
 
     kwargs = {"num_classes": 0, "global_pool": ""}
-    if float(cfg.get("drop_path", 0.0) or 0.0) > 0:
+    if float(cfg["drop_path"] or 0.0) > 0:
         kwargs["drop_path_rate"] = float(cfg["drop_path"])
     if kind == "hub":
         try:
@@ -116,8 +117,8 @@ def build_model(model_cfg: dict) -> EmbeddingNet:
         mean, std = weights.OFFLINE_MEAN_STD
     else:
         mean, std = backbone.pretrained_cfg.get("mean"), backbone.pretrained_cfg.get("std")
-    model = EmbeddingNet(backbone, emb_dim, pool=pool, gem_p=float(cfg.get("gem_p", 3.0)), dropout=dropout,
-                         mean=mean or (0.5,) * 3, std=std or (0.5,) * 3, img_size=cfg.get("img_size", 224), cfg=cfg)
+    model = EmbeddingNet(backbone, emb_dim, pool=pool, gem_p=float(cfg["gem_p"]), dropout=dropout,
+                         mean=mean or (0.5,) * 3, std=std or (0.5,) * 3, img_size=cfg["img_size"], cfg=cfg)
     if kind == "path":
         weights.load_model_weights(model, cfg["pretrained"], name)
     return model

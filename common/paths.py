@@ -201,10 +201,9 @@ class Paths:
         """Run folder of a member retrained with pseudo labels (same files as member_dir)."""
         return self.pseudo_dir / "models" / name
 
-    def final_ckpt(self, name: str) -> Path:
-        """Checkpoint stage 06 uses for a member: the pseudo-label retrain when there is one."""
-        p = self.pseudo_member_dir(name) / "best.pt"
-        return p if p.exists() else self.member_ckpt(name)
+    def pseudo_round_dir(self, name: str, round_: int) -> Path:
+        """Run folder of one label -> retrain round (stage 05's report names the one stage 06 uses)."""
+        return self.pseudo_member_dir(name) / f"round{round_}"
 
     # ---- 06 embeddings and submission ------------------------------------------------
     @property

@@ -25,17 +25,17 @@ def crop_photos(cfg: dict, paths, photos: list[Path], out_dir: Path) -> list[Pat
     from .detector import FlukeDetector
     from .runtime import resolve_device
 
-    crop, det = cfg.get("crop") or {}, cfg.get("detector") or {}
-    detect = FlukeDetector(paths.detector_weights, imgsz=crop.get("imgsz") or det.get("imgsz", 320),
-                           device=resolve_device(cfg.get("device", "auto")))
+    crop, det = cfg["crop"], cfg["detector"]
+    detect = FlukeDetector(paths.detector_weights, imgsz=crop["imgsz"] or det["imgsz"],
+                           device=resolve_device(cfg["device"]))
     out = []
     for i, p in enumerate(photos):
         img = read_image(p)
         (best,) = detect([img])
-        x0, y0, x1, y1, _, _ = crop_region(best, img.shape[1], img.shape[0], conf=float(crop.get("conf", 0.25)),
-                                           margin=float(crop.get("margin", 0.1)))
+        x0, y0, x1, y1, _, _ = crop_region(best, img.shape[1], img.shape[0], conf=float(crop["conf"]),
+                                           margin=float(crop["margin"]))
         dest = out_dir / f"{i:05d}_{Path(p).stem}.jpg"
-        write_crop(fit_max_side(img[y0:y1, x0:x1], crop.get("max_side")), dest)
+        write_crop(fit_max_side(img[y0:y1, x0:x1], crop["max_side"]), dest)
         out.append(dest)
     return out
 
@@ -57,6 +57,7 @@ def predict(cfg: dict, paths, photos, top_k: int = 20, out=None) -> int:
     from .embedding_store import embed_members
     from .inference import embed_images
     from .models import load_checkpoint
+    from .handoff import final_checkpoints
     from .retrieval import meta_embedding, search
     from .runtime import resolve_device
 
@@ -69,13 +70,13 @@ def predict(cfg: dict, paths, photos, top_k: int = 20, out=None) -> int:
         return 1
     names = member_names(cfg)
     table, db = embed_members(cfg, paths, names, log=lambda m: None)
-    device = resolve_device(cfg.get("device", "auto"))
+    device = resolve_device(cfg["device"])
     tta = bool(cfg["tta"]["hflip"])
     with tempfile.TemporaryDirectory(prefix="predict_") as tmp:
         inputs = crop_photos(cfg, paths, photos, Path(tmp))
         q = {}
         for n in names:
-            model, _ = load_checkpoint(paths.final_ckpt(n))
+            model, _ = load_checkpoint(final_checkpoints(paths, [n])[n])
             q[n] = embed_images(model, inputs, model.img_size, device=device, tta_hflip=tta, progress=False)
     weights = [member_config(cfg, n)["weight"] for n in names]
     db_emb, q_emb = meta_embedding([db[n] for n in names], weights), meta_embedding([q[n] for n in names], weights)

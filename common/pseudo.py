@@ -8,6 +8,7 @@ a target precision.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -129,11 +130,11 @@ def label_test_images(emb, table: pd.DataFrame, candidates: pd.Series, pcfg: dic
     ids = table["Id"].to_numpy(object)
     db = train[np.asarray(candidates, dtype=bool)]
     val = train[table["is_query"].to_numpy()[train].astype(bool)]
-    margin = float(pcfg.get("margin", 0.0))
+    margin = float(pcfg["margin"])
     vids, vsims = nearest_identities(emb[val], emb[db], ids[db]) if len(val) else (np.zeros((0, 2), object), np.zeros((0, 2)))
     curve = precision_curve(vids, vsims, ids[val], margin)
-    thr = pcfg.get("threshold", "auto")
-    thr = calibrate_threshold(curve, float(pcfg.get("target_precision", 0.9))) if thr == "auto" else float(thr)
+    thr = pcfg["threshold"]
+    thr = calibrate_threshold(curve, float(pcfg["target_precision"])) if thr == "auto" else float(thr)
     at = curve[curve["threshold"] >= thr]
     tids, tsims = nearest_identities(emb[test], emb[db], ids[db])
     labels = assign(table["Image"].to_numpy(object)[test], tids, tsims, thr, margin, max_count)
@@ -170,3 +171,87 @@ def plot_report(curve: pd.DataFrame, test_best, threshold: float, dest, title: s
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return save_figure(fig, dest)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 05: label -> retrain rounds
+# ---------------------------------------------------------------------------------------------
+def judge(result: dict, member: dict, run_dir, keep_worse: bool) -> dict:
+    """Compare a retrain's best validation score with its starting model's (the epoch-0 row of
+    its history); set the retrain aside (``best.pt`` -> ``best_rejected.pt``) when it is lower.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "best.pt").write_text("x")
+    >>> res = {"history": [{"epoch": 0, "map20": 0.5}, {"epoch": 1, "map20": 0.4}], "metrics": {"map20": 0.4}}
+    >>> judge(res, {"name": "m", "train": {"metric": "map20"}}, d, False)["kept"], (d / "best_rejected.pt").exists()
+    m: map20 0.5 -> 0.4: set aside, keeping the start model
+    (False, True)
+    """
+    metric = member["train"]["metric"]
+    before = next((h.get(metric) for h in result["history"] if h.get("epoch") == 0), None)
+    after = result["metrics"].get(metric)
+    kept = keep_worse or before is None or after is None or after >= before
+    if not kept:
+        (Path(run_dir) / "best.pt").replace(Path(run_dir) / "best_rejected.pt")
+    print(f"{member['name']}: {metric} {before} -> {after}: {'kept' if kept else 'set aside, keeping the start model'}")
+    return {"metric": metric, "before": before, "after": after, "kept": kept}
+
+
+def run_rounds(cfg: dict, paths, names: list[str], chosen: list[str], start: dict, fit_fn=None,
+               embed_fn=None) -> dict:
+    """``pseudo.rounds`` rounds of: embed train + test with every member's current checkpoint,
+    label confident test images, fine-tune each member of ``chosen`` from its current checkpoint
+    into its own folder ``pseudo/models/<member>/round<r>/``. A retrain that scores below its start
+    is set aside and the member keeps its current checkpoint, so a worse round 2 never costs the
+    model round 1 accepted. ``start``: member -> stage 04 checkpoint. Returns the report, whose
+    ``checkpoints`` (member -> checkpoint) is what stage 06 uses."""
+    from .config import member_config
+    from .embedding_store import embed_members
+    from .io import write_csv
+    from .retrieval import meta_embedding
+    from .tables import clean_frame, train_frame, truth_frame, val_frame
+
+    if fit_fn is None:
+        from .training import fit as fit_fn
+    embed_fn = embed_fn or embed_members
+    p, clean, truth = cfg["pseudo"], clean_frame(paths), truth_frame(paths)
+    members = {n: member_config(cfg, n) for n in names}
+    current = {n: Path(start[n]) for n in names}
+    fits = {members[n]["train"]["fit"] for n in chosen}
+    cand = candidate_rows(clean, "local" if "local" in fits else "full")
+    max_count = int(float(p["max_share"]) * int((clean["Id"] != NEW_WHALE).sum()))
+    rounds = []
+    for r in range(1, int(p["rounds"]) + 1):
+        table, embs = embed_fn(cfg, paths, names, lambda n: current[n])
+        emb = meta_embedding([embs[n] for n in names])  # equal weights: `ensemble:` is stage 06's alone
+        labels, info, curve, best = label_test_images(emb, table, cand, p, max_count)
+        info["truth_precision"] = label_precision(labels, truth)
+        write_csv(paths.pseudo_csv, labels)
+        plot_report(curve, best, info["threshold"], paths.pseudo_png,
+                    f"round {r}: {len(labels)} of {info['n_test']} test images labelled", info["n_val_queries"])
+        print(f"round {r}: labelled {info['labelled']}/{info['n_test']} test images ({info['identities']} Ids) at "
+              f"threshold {info['threshold']:.3f}; precision on validation {info['val_precision']}, "
+              f"on the withheld truth {info['truth_precision']}")
+        info["members"] = {}
+        rounds.append(info)
+        if labels.empty:
+            print("no confident test image: nothing to retrain on")
+            break
+        for n in chosen:
+            member = members[n]
+            crops, fit_mode = member["model"]["use_crops"], member["train"]["fit"]
+            rows = training_rows(train_frame(paths, "train", fit_mode, crops), labels, clean,
+                                 candidate_rows(clean, fit_mode), lambda x: paths.image("test", x, crops),
+                                 lambda x: paths.image("train", x, crops))
+            run_dir = paths.pseudo_round_dir(n, r)
+            result = fit_fn(member, rows, val_frame(paths, "train", crops) if fit_mode == "local" else None, run_dir,
+                            init=current[n], device=cfg["device"], epochs=int(p["epochs"]),
+                            num_workers=int(cfg["num_workers"]), deterministic=bool(cfg["deterministic"]))
+            verdict = judge(result, member, run_dir, bool(p["keep_worse"]))
+            verdict.update(init=str(current[n]), n_images=len(rows), n_pseudo=len(labels))
+            if verdict["kept"]:
+                current[n] = run_dir / "best.pt"
+            info["members"][n] = verdict
+    return {"rounds": rounds, "labelled": rounds[-1]["labelled"], "precision_val": rounds[-1]["val_precision"],
+            "precision_truth": rounds[-1]["truth_precision"], "members": chosen,
+            "checkpoints": {n: str(current[n]) for n in names}}

@@ -22,11 +22,12 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from .errors import PipelineError
 from .io import atomic_path, write_csv
 from .metrics import NEW_WHALE, kaggle_map5
 
 
-class SubmissionError(ValueError):
+class SubmissionError(PipelineError, ValueError):
     """A submission that must not be written or sent; the message names the file and row."""
 
 

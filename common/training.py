@@ -79,10 +79,10 @@ def resolve_phases(train_cfg: dict, img_size) -> list[tuple[int, int]]:
     """Progressive resizing phases ``[(img_size, epochs), ...]`` (a size is an int or [height, width]);
     one phase without ``progressive``.
 
-    >>> resolve_phases({"epochs": 3}, 128), resolve_phases({"progressive": [[96, 2], [128, 1]]}, 128)
+    >>> resolve_phases({"epochs": 3, "progressive": None}, 128), resolve_phases({"progressive": [[96, 2], [128, 1]]}, 128)
     ([(128, 3)], [(96, 2), (128, 1)])
     """
-    prog = train_cfg.get("progressive")
+    prog = train_cfg["progressive"]
     if not prog:
         return [(img_size, int(train_cfg["epochs"]))]
     try:
@@ -107,10 +107,10 @@ def size_at(phases, epoch: int):
 def param_groups(model, loss_fn: nn.Module, train_cfg: dict) -> list[dict]:
     """Optimiser groups: backbone / neck / head x (decay, no decay on biases and norm layers);
     each group carries its ``lr_mult`` relative to ``train.lr``."""
-    mults = {"backbone": float(train_cfg.get("backbone_lr_mult", 1.0)), "neck": 1.0,
-             "head": float(train_cfg.get("head_lr_mult", 1.0))}
+    mults = {"backbone": float(train_cfg["backbone_lr_mult"]), "neck": 1.0,
+             "head": float(train_cfg["head_lr_mult"])}
     parts = dict(model.param_groups(), head=list(loss_fn.parameters()))
-    wd, no_bias_decay = float(train_cfg.get("weight_decay", 0.0)), bool(train_cfg.get("no_bias_decay", True))
+    wd, no_bias_decay = float(train_cfg["weight_decay"]), bool(train_cfg["no_bias_decay"])
     groups = []
     for name, params in parts.items():
         params = [p for p in params if p.requires_grad]
@@ -127,7 +127,7 @@ def build_optimizer(model, loss_fn: nn.Module, train_cfg: dict) -> torch.optim.O
     lr = float(train_cfg["lr"])
     for g in groups:
         g["lr"] = lr * g["lr_mult"]
-    kind = str(train_cfg.get("optimizer", "adamw")).lower()
+    kind = str(train_cfg["optimizer"]).lower()
     if kind == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     if kind == "adam":
@@ -141,13 +141,13 @@ def _setup(member: dict, train_df: pd.DataFrame, init, device, state=None) -> Si
         if col not in train_df.columns:
             raise ValueError(f"training table needs a {col!r} column (has {list(train_df.columns)})")
     if len(train_df) == 0:
-        raise ValueError(f"member {member.get('name')!r}: no training images (check stage 00's train flags)")
+        raise ValueError(f"member {member['name']!r}: no training images (check stage 00's train flags)")
     tcfg = member["train"]
     labels, classes = encode_labels(train_df["Id"])
-    flip = hflip_mode(member.get("augment", {}))
+    flip = hflip_mode(member["augment"])
     counts = np.bincount(labels, minlength=len(classes))
     n_out = len(classes) * (2 if flip else 1)
-    start = "none" if state is not None else (str(init) if init else member["model"].get("pretrained", "none"))
+    start = "none" if state is not None else (str(init) if init else member["model"]["pretrained"])
     model = build_model(dict(member["model"], pretrained=start))
     loss_fn = MetricLoss(tcfg, model.emb_dim, n_out, np.tile(counts, 2 if flip else 1))
     if state is not None:
@@ -157,21 +157,21 @@ def _setup(member: dict, train_df: pd.DataFrame, init, device, state=None) -> Si
     cuda = device.type == "cuda"
     model.to(device)
     loss_fn.to(device)
-    channels_last = cuda and bool(tcfg.get("channels_last", True))
+    channels_last = cuda and bool(tcfg["channels_last"])
     if channels_last:
         model.to(memory_format=torch.channels_last)
     amp_dtype = None
-    if cuda and tcfg.get("amp", True):
+    if cuda and tcfg["amp"]:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    K = int(tcfg.get("K", 4))
-    P = int(tcfg["batch_size"]) // K if tcfg.get("batch_size") else int(tcfg.get("P", 16))
+    K = int(tcfg["K"])
+    P = int(tcfg["batch_size"]) // K if tcfg["batch_size"] else int(tcfg["P"])
     return SimpleNamespace(
         model=model, loss_fn=loss_fn, opt=build_optimizer(model, loss_fn, tcfg), device=device,
         classes=classes, labels=labels, flip=flip, channels_last=channels_last, amp_dtype=amp_dtype,
-        freeze_bn=bool(tcfg.get("freeze_bn", False)),
+        freeze_bn=bool(tcfg["freeze_bn"]),
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         dataset=FlukeDataset(train_df["path"], labels, mirror_offset=len(classes) if flip else 0),
-        sampler=PKSampler(labels, max(P, 1), K, seed=int(member.get("seed", 0)), flip=flip))
+        sampler=PKSampler(labels, max(P, 1), K, seed=int(member["seed"]), flip=flip))
 
 
 def _device(device) -> torch.device:
@@ -191,7 +191,7 @@ def train_mode(model, freeze_bn: bool = False) -> None:
 
 def _train_transform(run, member: dict, size):
     return build_transforms(size, run.model.mean, run.model.std, train=True,
-                            strength=float(member.get("augment", {}).get("strength", 1.0)))
+                            strength=float(member["augment"]["strength"]))
 
 
 def _step(run, x, y, lr_per_group, grad_clip) -> tuple[float, dict]:
@@ -363,10 +363,10 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
     tcfg = member["train"]
     if epochs is not None:
         tcfg["epochs"] = int(epochs)
-        tcfg["progressive"] = _trim(tcfg["progressive"], int(epochs)) if tcfg.get("progressive") else None
+        tcfg["progressive"] = _trim(tcfg["progressive"], int(epochs)) if tcfg["progressive"] else None
     phases = resolve_phases(tcfg, member["model"]["img_size"])
     n_epochs = sum(n for _, n in phases)
-    out_dir, device, seed = Path(out_dir), _device(device), int(member.get("seed", 0))
+    out_dir, device, seed = Path(out_dir), _device(device), int(member["seed"])
     seed_everything(seed, deterministic)
     state = _resume_state(out_dir / "last.pt", train_df, member["name"], n_epochs) if resume else None
     run = _setup(member, train_df, init, device, state)
@@ -382,21 +382,21 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
     else:
         shutil.rmtree(out_dir / "tb", ignore_errors=True)
         write_json(out_dir / "config.json", {
-            "member": member, "init": str(init) if init else member["model"].get("pretrained"),
+            "member": member, "init": str(init) if init else member["model"]["pretrained"],
             "device": str(device), "phases": phases, "n_images": len(train_df), "n_identities": len(run.classes),
             "n_classes": len(run.classes) * (2 if run.flip else 1), "n_val": 0 if val_df is None else len(val_df)})
     writer = SummaryWriter(str(out_dir / "tb"), purge_step=run.step if state else None)
-    emb_kw = dict(device=device, batch_size=int(tcfg.get("batch_embed", 64)), num_workers=num_workers,
+    emb_kw = dict(device=device, batch_size=int(tcfg["batch_embed"]), num_workers=num_workers,
                   progress=progress)
-    if start == 0 and val_df is not None and tcfg.get("eval_init", True):
+    if start == 0 and val_df is not None and tcfg["eval_init"]:
         history = [{"epoch": 0, "img_size": phases[0][0], **evaluate(run.model, val_df, phases[0][0], **emb_kw)}]
         _log_epoch(writer, history[0])
-    if start == 0 and tcfg.get("imprint", True):
+    if start == 0 and tcfg["imprint"]:
         imprint_head(run, phases[0][0], emb_kw["batch_size"], num_workers, seed, progress)
 
-    sched = dict(total=n_epochs, warmup=float(tcfg.get("warmup_epochs", 0) or 0),
-                 schedule=tcfg.get("schedule", "cosine"), floor=float(tcfg.get("min_lr_frac", 0.01)), cycle=float(tcfg.get("sgdr_cycle", 5)),
-                 mult=float(tcfg.get("sgdr_mult", 2)))
+    sched = dict(total=n_epochs, warmup=float(tcfg["warmup_epochs"] or 0),
+                 schedule=tcfg["schedule"], floor=float(tcfg["min_lr_frac"]), cycle=float(tcfg["sgdr_cycle"]),
+                 mult=float(tcfg["sgdr_mult"]))
     size, end = None, n_epochs if stop_after is None else min(n_epochs, start + int(stop_after))
     for epoch in range(start, end):
         if size_at(phases, epoch) != size:  # a new progressive-resizing phase (or the first epoch)
@@ -407,21 +407,21 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
         row = {"epoch": epoch + 1, "img_size": size,
                **_train_epoch(run, loader, epoch, sched, tcfg, writer, f"{member['name']} epoch {epoch + 1}/{n_epochs} "
                               f"@{size}px", progress)}
-        every = int(tcfg.get("val_every", 1) or 1)
+        every = int(tcfg["val_every"] or 1)
         validate = val_df is not None and ((epoch + 1) % every == 0 or epoch + 1 == n_epochs)
         if validate:
             row.update(evaluate(run.model, val_df, size, **emb_kw))
         row["time_s"] = round(time.time() - t0, 1)
         history.append(row)
         _log_epoch(writer, row)
-        score = row.get(tcfg.get("metric", "map20"), math.nan)
+        score = row.get(tcfg["metric"], math.nan)
         score = -math.inf if math.isnan(score) else score
         improved = val_df is None or (validate and (best["epoch"] == 0 or score > best["score"]))
         if improved:
             best = {"score": score, "epoch": epoch + 1,
                     "metrics": {k: row[k] for k in (*METRICS, "n_queries") if k in row}}
         _save(run, member, out_dir, history, best, improved, sched, phases, init)
-        plot_history(history, out_dir / "curves.png", f"{member['name']}: {tcfg.get('loss')} on {len(train_df)} images")
+        plot_history(history, out_dir / "curves.png", f"{member['name']}: {tcfg['loss']} on {len(train_df)} images")
         print(f"{member['name']} epoch {epoch + 1}/{n_epochs}: " + ", ".join(
             f"{k} {row[k]:.4f}" for k in ("loss", *METRICS) if k in row) + f" ({row['time_s']}s)")
     writer.close()
@@ -449,7 +449,7 @@ def _train_epoch(run, loader, epoch: int, sched: dict, tcfg: dict, writer, desc:
     bar = tqdm(loader, desc=desc, disable=not progress)
     for i, (x, y) in enumerate(bar):
         f = lr_factor(epoch + i / len(loader), **sched)
-        loss, parts = _step(run, x, y, [lr * g["lr_mult"] * f for g in run.opt.param_groups], tcfg.get("grad_clip"))
+        loss, parts = _step(run, x, y, [lr * g["lr_mult"] * f for g in run.opt.param_groups], tcfg["grad_clip"])
         writer.add_scalar("train/loss", loss, run.step)
         writer.add_scalar("train/lr", lr * f, run.step)
         run.step += 1
@@ -468,7 +468,7 @@ def _save(run, member: dict, out_dir: Path, history: list, best: dict, improved:
             "member": member, "classes": run.classes, "epoch": epoch, "optimizer": run.opt.state_dict(),
             "scheduler": {**sched, "t": epoch, "phases": phases}, "metrics": history[-1], "history": history,
             "best": best, "step": run.step, "scaler": run.scaler.state_dict(), "rng": _rng_state(),
-            "init": str(init) if init else member["model"].get("pretrained")}
+            "init": str(init) if init else member["model"]["pretrained"]}
     save_torch(out_dir / "last.pt", ckpt)
     if improved:
         save_torch(out_dir / "best.pt", dict(ckpt, optimizer=None, scaler=None, rng=None))
@@ -498,18 +498,18 @@ def lr_find(member: dict, train_df: pd.DataFrame, out_png, *, init=None, device=
     batches from the starting weights (head imprinted as in :func:`fit`); saves the smoothed
     loss-vs-LR plot to ``out_png`` and returns (and prints) the suggested LR (:func:`suggest_lr`)."""
     device = _device(device)
-    seed_everything(int(member.get("seed", 0)))
+    seed_everything(int(member["seed"]))
     run = _setup(member, train_df, init, device)
     size = member["model"]["img_size"]
-    if member["train"].get("imprint", True):
-        imprint_head(run, size, int(member["train"].get("batch_embed", 64)), num_workers, progress=progress)
+    if member["train"]["imprint"]:
+        imprint_head(run, size, int(member["train"]["batch_embed"]), num_workers, progress=progress)
     run.dataset.transform = _train_transform(run, member, size)
     train_mode(run.model, run.freeze_bn)
     lrs, losses, avg = [], [], 0.0
     for i, (x, y) in enumerate(tqdm(_cycle(run, num_workers), total=num_iter, desc=f"lr_find {member['name']}",
                                     disable=not progress)):
         lr = start_lr * (end_lr / start_lr) ** (i / max(num_iter - 1, 1))
-        loss, _ = _step(run, x, y, [lr * g["lr_mult"] for g in run.opt.param_groups], member["train"].get("grad_clip"))
+        loss, _ = _step(run, x, y, [lr * g["lr_mult"] for g in run.opt.param_groups], member["train"]["grad_clip"])
         avg = 0.98 * avg + 0.02 * loss
         lrs.append(lr)
         losses.append(avg / (1 - 0.98 ** (i + 1)))  # bias-corrected moving average, as fast.ai
@@ -572,7 +572,7 @@ def _plot_lr_find(lrs, losses, suggestion, dest, name) -> Path:
 # ---- stage helpers (03, 04) -------------------------------------------------------------------------
 def pretrain_skip_reason(cfg: dict, paths) -> str | None:
     """Why stage 03 has nothing to do (None when it should train)."""
-    if not (cfg.get("pretrain") or {}).get("enabled", True):
+    if not cfg["pretrain"]["enabled"]:
         return "pretrain.enabled is false"
     if not paths.clean_pretrain_csv.exists():
         if paths.raw_pretrain_csv.exists():
@@ -592,9 +592,9 @@ def pretrain_member(cfg: dict, name: str) -> dict:
     from .config import member_config, merge
 
     member = member_config(cfg, name)
-    over = (cfg.get("pretrain") or {}).get("train") or {}
+    over = cfg["pretrain"]["train"] or {}
     member["train"] = merge(member["train"], over)
-    if "epochs" in over and member["train"].get("progressive") and "progressive" not in over:
+    if "epochs" in over and member["train"]["progressive"] and "progressive" not in over:
         member["train"]["progressive"] = _trim(member["train"]["progressive"], int(over["epochs"]))
     return member
 
@@ -606,14 +606,14 @@ def stage04_member(cfg: dict, paths, name: str) -> tuple[dict, Path | None]:
     from .io import read_json
 
     member = member_config(cfg, name)
-    if not member["model"].get("from_pretrain_stage", True):
+    if not member["model"]["from_pretrain_stage"]:
         return member, None
     ckpt = paths.pretrain_ckpt(name)
     done = paths.pretrain_summary.exists() and name in read_json(paths.pretrain_summary).get("members", {})
     if done and ckpt.exists():
         print(f"{name}: starting from stage 03 checkpoint {ckpt}")
         return member, ckpt
-    print(f"{name}: no stage 03 checkpoint, starting from model.pretrained={member['model'].get('pretrained')}")
+    print(f"{name}: no stage 03 checkpoint, starting from model.pretrained={member['model']['pretrained']}")
     return member, None
 
 

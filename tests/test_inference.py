@@ -3,12 +3,13 @@ import numpy as np
 import pytest
 import torch
 
+from common.config import section
 from common.inference import embed_checkpoint, embed_images
 from common.io import ImageReadError
 from common.models import build_model
 
 torch.set_num_threads(1)
-CFG = {"backbone": "tf_efficientnet_lite0", "pretrained": "none", "img_size": 64, "emb_dim": 16, "pool": "gem"}
+CFG = section("model", backbone="tf_efficientnet_lite0", pretrained="none", img_size=64, emb_dim=16, pool="gem")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.config import section
 from common.losses import MarginHead, MetricLoss, batch_hard_triplet, class_weights, hardest_pairs
 
 
@@ -84,8 +85,8 @@ def test_class_weights_favour_rare_classes_and_average_one():
 
 
 def test_metric_loss_combines_its_parts_and_trains_the_head():
-    cfg = {"loss": "arcface+triplet", "arcface_s": 16.0, "arcface_m": 0.3, "triplet_margin": 0.2,
-           "triplet_weight": 0.5, "ce_weight": 0.2, "label_smoothing": 0.1}
+    cfg = section("train", loss="arcface+triplet", arcface_s=16.0, arcface_m=0.3, triplet_margin=0.2,
+                  triplet_weight=0.5, ce_weight=0.2, label_smoothing=0.1)
     loss_fn = MetricLoss(cfg, emb_dim=8, n_classes=3)
     emb = F.normalize(torch.randn(6, 8), dim=1)
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -100,17 +101,17 @@ def test_metric_loss_class_weights_change_the_loss():
     emb = F.normalize(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)), dim=1)
     labels = torch.tensor([0, 0, 0, 0, 1, 2])
     torch.manual_seed(0)
-    plain = MetricLoss({"loss": "cosface"}, 8, 3, counts=[4, 1, 1])
+    plain = MetricLoss(section("train", loss="cosface"), 8, 3, counts=[4, 1, 1])
     torch.manual_seed(0)
-    weighted = MetricLoss({"loss": "cosface", "class_weights": True}, 8, 3, counts=[4, 1, 1])
+    weighted = MetricLoss(section("train", loss="cosface", class_weights=True), 8, 3, counts=[4, 1, 1])
     assert plain(emb, labels)[0].item() != pytest.approx(weighted(emb, labels)[0].item(), rel=1e-4)
 
 
 def test_triplet_alone_has_no_head():
-    assert MetricLoss({"loss": "triplet"}, 8, 3).head is None
+    assert MetricLoss(section("train", loss="triplet"), 8, 3).head is None
 
 
 @pytest.mark.parametrize("bad", ["arcface+cosface", "circle", ""])
 def test_bad_loss_names_are_refused(bad):
     with pytest.raises(ValueError, match="train.loss"):
-        MetricLoss({"loss": bad}, 8, 3)
+        MetricLoss(section("train", loss=bad), 8, 3)

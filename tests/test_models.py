@@ -1,12 +1,13 @@
 import pytest
 import torch
 
+from common.config import section
 from common.models import AvgPool, GeM, ModelConfigError, build_model, load_checkpoint
 from common.weights import WeightsError
 
 torch.set_num_threads(1)
-CFG = {"backbone": "tf_efficientnet_lite0", "pretrained": "none", "img_size": 64, "emb_dim": 32,
-       "dropout": 0.0, "pool": "gem", "gem_p": 3.0}
+CFG = section("model", backbone="tf_efficientnet_lite0", pretrained="none", img_size=64, emb_dim=32,
+              dropout=0.0, pool="gem", gem_p=3.0)
 
 
 def _model(**over):

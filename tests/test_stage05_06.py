@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from common.config import ROOT, load_config, member_config, member_names
+from common.handoff import final_checkpoints
 from common.paths import Paths
 from common.submission import read_image_submission, validate_image_submission
 
@@ -69,7 +70,7 @@ def build_competition(root, seed=0):
 def save_untrained_members(paths, cfg):
     import torch
 
-    from common.io import save_torch
+    from common.io import save_torch, write_json
     from common.models import build_model
 
     for name in member_names(cfg):
@@ -78,6 +79,7 @@ def save_untrained_members(paths, cfg):
         model = build_model(dict(member["model"], pretrained="none"))
         save_torch(paths.member_ckpt(name), {"model": model.state_dict(), "head": None, "member": member, "classes": [],
                                              "epoch": 0, "metrics": {}, "history": []})
+    write_json(paths.members_summary, {"members": {n: {"ckpt": str(paths.member_ckpt(n))} for n in member_names(cfg)}})
 
 
 def stage(script, paths, *extra):
@@ -106,6 +108,8 @@ def stage(script, paths, *extra):
 def comp(tmp_path_factory):
     paths = build_competition(tmp_path_factory.mktemp("retr"))
     save_untrained_members(paths, load_config("tiny", OVERRIDES))
+    out = stage("05_pseudo_label.py", paths, "--set", "pseudo.enabled=false")  # names stage 04's checkpoints
+    assert out.returncode == 0, out.stderr
     return paths
 
 
@@ -150,10 +154,18 @@ def test_predict_prints_and_writes_matches(comp, tmp_path):
     assert bad.returncode != 0 and "broken.jpg" in bad.stderr
 
 
-def test_stage06_without_checkpoints_fails_clearly(tmp_path):
+def test_stages_05_06_without_upstream_reports_fail_clearly(tmp_path):
     paths = build_competition(tmp_path)
+    out = stage("05_pseudo_label.py", paths)
+    assert out.returncode == 1 and out.stderr.strip() == f"error: {paths.members_summary} not found: run stage 04 first (make all)"
     out = stage("06_ensemble_submit.py", paths)
-    assert out.returncode != 0 and "run stage 04" in out.stderr
+    assert out.returncode == 1 and out.stderr.strip() == f"error: {paths.pseudo_report} not found: run stage 05 first (make all)"
+    assert not paths.submission_csv.exists() and not paths.pseudo_report.exists()
+    save_untrained_members(paths, load_config("tiny", OVERRIDES))
+    assert stage("05_pseudo_label.py", paths, "--set", "pseudo.enabled=false").returncode == 0
+    paths.member_ckpt("lite0_64").unlink()  # the report names a checkpoint that is gone
+    out = stage("06_ensemble_submit.py", paths)
+    assert out.returncode == 1 and "best.pt named by" in out.stderr and "rerun stage 05" in out.stderr
     assert not paths.submission_csv.exists()
 
 
@@ -167,11 +179,41 @@ def test_stage05_labels_retrains_and_stage06_uses_it(comp):
     assert set(labels["Image"]) <= set(pd.read_csv(comp.clean_test_csv)["Image"])
     assert 0 <= report["precision_truth"] <= 1
     member = report["rounds"][0]["members"]["lite0_64"]
-    ckpt = comp.pseudo_member_dir("lite0_64") / ("best.pt" if member["kept"] else "best_rejected.pt")
+    ckpt = comp.pseudo_round_dir("lite0_64", 1) / ("best.pt" if member["kept"] else "best_rejected.pt")
     assert ckpt.exists() and member["n_pseudo"] == len(labels)
-    assert comp.final_ckpt("lite0_64") == (ckpt if member["kept"] else comp.member_ckpt("lite0_64"))
+    final = final_checkpoints(comp, ["lite0_64", "lite0_64_do"])
+    assert final["lite0_64"] == (ckpt if member["kept"] else comp.member_ckpt("lite0_64"))
+    assert final["lite0_64_do"] == comp.member_ckpt("lite0_64_do")
     assert not comp.pseudo_member_dir("lite0_64_do").exists()  # pseudo: false in the tiny profile
 
     off = stage("05_pseudo_label.py", comp, "--set", "pseudo.enabled=false")
     assert off.returncode == 0 and "skipped" in pd.read_json(comp.pseudo_report, typ="series")
-    assert comp.final_ckpt("lite0_64") == comp.member_ckpt("lite0_64") and not comp.pseudo_csv.exists()
+    assert final_checkpoints(comp, ["lite0_64"])["lite0_64"] == comp.member_ckpt("lite0_64")
+    assert not comp.pseudo_csv.exists() and not comp.pseudo_member_dir("lite0_64").exists()
+
+
+def test_a_worse_second_round_keeps_the_model_round_one_accepted(comp):
+    """Round 1 improves, round 2 scores below its start: stage 06 must use round 1's checkpoint."""
+    import shutil
+
+    from common.pseudo import run_rounds
+
+    scores = iter([(0.2, 0.5), (0.5, 0.3)])  # (start, best) validation score per round
+    starts = []
+
+    def fake_fit(member, rows, val_df, out_dir, init, **kw):
+        before, after = next(scores)
+        starts.append(init)
+        out_dir.mkdir(parents=True)
+        shutil.copy(init, out_dir / "best.pt")
+        return {"history": [{"epoch": 0, "map20": before}, {"epoch": 1, "map20": after}], "metrics": {"map20": after}}
+
+    cfg = load_config("tiny", OVERRIDES + ["pseudo.rounds=2"])
+    names = member_names(cfg)
+    report = run_rounds(cfg, comp, names, ["lite0_64"], {n: comp.member_ckpt(n) for n in names}, fit_fn=fake_fit)
+    r1, r2 = comp.pseudo_round_dir("lite0_64", 1), comp.pseudo_round_dir("lite0_64", 2)
+    assert starts == [comp.member_ckpt("lite0_64"), r1 / "best.pt"]  # round 2 starts from round 1's model
+    assert [r["members"]["lite0_64"]["kept"] for r in report["rounds"]] == [True, False]
+    assert report["checkpoints"] == {"lite0_64": str(r1 / "best.pt"), "lite0_64_do": str(comp.member_ckpt("lite0_64_do"))}
+    assert (r1 / "best.pt").exists() and (r2 / "best_rejected.pt").exists() and not (r2 / "best.pt").exists()
+    shutil.rmtree(comp.pseudo_member_dir("lite0_64"))

@@ -7,6 +7,7 @@ import timm
 import torch
 
 from common import weights
+from common.config import section
 from common.models import build_model
 from common.weights import WeightsError, load_offline_imagenet, map_state_dict, offline_weight_file
 
@@ -66,7 +67,7 @@ def test_semantic_check_on_photos_shipped_with_the_venv():
 
 
 def test_build_model_imagenet_fills_backbone_without_classifier(source):
-    m = build_model({"backbone": LITE0, "pretrained": "imagenet", "emb_dim": 8})
+    m = build_model(section("model", backbone=LITE0, pretrained="imagenet", emb_dim=8))
     assert torch.equal(m.backbone.state_dict()["conv_stem.weight"], source["_conv_stem.weight"])
     assert torch.equal(m.backbone.state_dict()["bn2.running_var"], source["_bn1.running_var"])
     assert m.mean == m.std == (0.5, 0.5, 0.5)
@@ -74,11 +75,11 @@ def test_build_model_imagenet_fills_backbone_without_classifier(source):
 
 def test_imagenet_for_backbone_without_offline_weights_suggests_hub_or_none():
     with pytest.raises(WeightsError, match=r"resnet18.*pretrained=hub.*pretrained=none"):
-        build_model({"backbone": "resnet18", "pretrained": "imagenet", "emb_dim": 8})
+        build_model(section("model", backbone="resnet18", pretrained="imagenet", emb_dim=8))
 
 
 def test_timm_models_normalise_like_their_pretrained_cfg():
-    m = build_model({"backbone": "resnet18", "pretrained": "none", "emb_dim": 8})
+    m = build_model(section("model", backbone="resnet18", pretrained="none", emb_dim=8))
     assert m.mean == pytest.approx((0.485, 0.456, 0.406)) and m.std == pytest.approx((0.229, 0.224, 0.225))
 
 
@@ -92,7 +93,7 @@ def test_hub_failure_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(WeightsError, match=r"hub.*no internet.*offline: false"):
-        build_model({"backbone": LITE0, "pretrained": "hub", "emb_dim": 8})
+        build_model(section("model", backbone=LITE0, pretrained="hub", emb_dim=8))
 
 
 def test_map_state_dict_rejects_mismatches():
@@ -111,5 +112,5 @@ def test_bare_timm_state_dict_as_pretrained_path(tmp_path):
     torch.save(net.state_dict(), tmp_path / "timm.pth")  # with classifier: ignored
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a bare backbone has no neck: nothing to warn about
-        m = build_model({"backbone": LITE0, "pretrained": str(tmp_path / "timm.pth"), "emb_dim": 8})
+        m = build_model(section("model", backbone=LITE0, pretrained=str(tmp_path / "timm.pth"), emb_dim=8))
     assert torch.equal(m.backbone.state_dict()["conv_stem.weight"], net.state_dict()["conv_stem.weight"])
