@@ -13,6 +13,7 @@ an empty folder) stops with an error naming the file or row, and writes nothing.
 import sys
 
 from common.config import parse_stage_args
+from common.errors import run_stage
 
 
 def main() -> int:
@@ -32,4 +33,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main)

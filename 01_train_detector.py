@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from common.config import parse_stage_args
+from common.errors import run_stage
 
 
 def main() -> int:
@@ -66,4 +67,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main)

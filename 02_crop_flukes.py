@@ -11,6 +11,7 @@ import sys
 import time
 
 from common.config import parse_stage_args
+from common.errors import run_stage
 
 
 def main() -> int:
@@ -65,4 +66,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_stage(main)

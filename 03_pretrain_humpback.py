@@ -9,10 +9,9 @@ Without a pretrain set, or with pretrain.enabled=false, it says so and writes th
 "skipped" reason: stage 04 then starts from ImageNet weights.
 """
 import shutil
-import sys
 
-from common.config import ConfigError, member_names, parse_stage_args
-from common.weights import WeightsError
+from common.config import member_names, parse_stage_args
+from common.errors import run_stage
 
 
 def extra(ap):
@@ -50,7 +49,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, OSError, ValueError, WeightsError, FloatingPointError) as e:  # bad config/input
-        sys.exit(f"error: {e}")
+    run_stage(main)

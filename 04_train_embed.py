@@ -9,10 +9,9 @@ Writes models/<member>/ (best.pt, last.pt, history.csv, curves.png, config.json,
 updates models/summary.json (best checkpoint, scores and baseline per member).
 `--lr-find` only sweeps the learning rate (models/<member>/lr_find.png) and prints a suggestion.
 """
-import sys
 
-from common.config import ConfigError, member_names, parse_stage_args
-from common.weights import WeightsError
+from common.config import member_names, parse_stage_args
+from common.errors import run_stage
 
 
 def extra(ap):
@@ -57,7 +56,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConfigError, OSError, ValueError, WeightsError, FloatingPointError) as e:  # bad config/input
-        sys.exit(f"error: {e}")
+    run_stage(main)

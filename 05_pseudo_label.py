@@ -16,7 +16,6 @@ on validation and against the withheld truth when RAW has one, and `checkpoints`
 checkpoint per member that stage 06 uses) and report.png. --model NAME retrains only that member.
 """
 import shutil
-import sys
 
 from common.config import parse_stage_args
 from common.errors import run_stage

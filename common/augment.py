@@ -19,6 +19,8 @@ import cv2  # noqa: E402
 import albumentations as A  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 
+from .config import ConfigError
+
 MAX_STRENGTH = 2.0
 
 
@@ -30,12 +32,12 @@ def image_hw(img_size) -> tuple[int, int]:
     """
     if isinstance(img_size, (list, tuple)):
         if len(img_size) != 2:
-            raise ValueError(f"img_size must be an int or [height, width], not {img_size!r}")
+            raise ConfigError(f"img_size must be an int or [height, width], not {img_size!r}")
         h, w = (int(v) for v in img_size)
     else:
         h = w = int(img_size)
     if h < 8 or w < 8:
-        raise ValueError(f"img_size {img_size!r} is too small (minimum 8 px)")
+        raise ConfigError(f"img_size {img_size!r} is too small (minimum 8 px)")
     return h, w
 
 
@@ -43,7 +45,7 @@ def build_transforms(img_size, mean, std, train: bool, strength: float = 1.0, se
     """Compose producing ``{"image": float32 tensor 3xHxW}`` from an RGB uint8 ``image``."""
     s = float(strength)
     if not 0.0 <= s <= MAX_STRENGTH:
-        raise ValueError(f"augment strength must be in [0, {MAX_STRENGTH}], not {strength!r}")
+        raise ConfigError(f"augment strength must be in [0, {MAX_STRENGTH}], not {strength!r}")
     h, w = image_hw(img_size)
     resize = [A.Resize(h, w, interpolation=cv2.INTER_AREA)]
     finish = [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import ConfigError
 from .errors import PipelineError
 from .io import ImageReadError, read_image, save_figure, write_csv, write_json
 from .paths import Paths
@@ -187,7 +188,7 @@ def split_flags(df: pd.DataFrame, unseen_frac: float = 0.1, seed: int = 42) -> t
     (2, 2, 5, [])
     """
     if not 0.0 <= float(unseen_frac) < 1.0:
-        raise ValueError(f"clean.unseen_frac must be in [0, 1), got {unseen_frac}")
+        raise ConfigError(f"clean.unseen_frac must be in [0, 1), got {unseen_frac}")
     out = df[["Image", "Id"]].reset_index(drop=True).copy()
     known = out["Id"] != NEW_WHALE
     counts = out.loc[known, "Id"].value_counts()

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .config import ConfigError
 from .io import read_image
 
 
@@ -34,7 +35,7 @@ def hflip_mode(augment_cfg: dict) -> bool:
         return False
     if mode == "new_identity":
         return True
-    raise ValueError(f"augment.hflip must be 'new_identity' or false, not {mode!r}")
+    raise ConfigError(f"augment.hflip must be 'new_identity' or false, not {mode!r}")
 
 
 class FlukeDataset(Dataset):

@@ -16,6 +16,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from .handoff import HandoffError
+from .config import ConfigError
 from .io import atomic_path
 
 
@@ -28,7 +30,7 @@ def database_table(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
     table = pd.concat([tr[cols], te[cols]], ignore_index=True)
     dup = table["Image"][table["Image"].duplicated()]
     if len(dup):
-        raise ValueError(f"image name {dup.iloc[0]!r} occurs twice in train+test; submissions name images by file name")
+        raise ConfigError(f"image name {dup.iloc[0]!r} occurs twice in train+test; submissions name images by file name")
     return table
 
 
@@ -87,7 +89,7 @@ def member_embeddings(ckpt, table: pd.DataFrame, cache_file, *, img_size: int | 
     is not cached), at ``img_size`` (None: the size the model was trained at)."""
     ckpt = Path(ckpt)
     if not ckpt.exists():
-        raise FileNotFoundError(f"checkpoint {ckpt} is missing: run stage 04 first (make 04)")
+        raise HandoffError(f"checkpoint {ckpt} is missing: run stage 04 first (make 04)")
 
     def embed(image_paths):
         from .inference import embed_images

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ConfigError
+
 MARGIN_HEADS = ("arcface", "subcenter", "cosface")
 LOSSES = MARGIN_HEADS + ("triplet",)
 
@@ -37,7 +39,7 @@ class MarginHead(nn.Module):
                  m: float = 0.5, k: int = 1):
         super().__init__()
         if kind not in MARGIN_HEADS:
-            raise ValueError(f"unknown margin head {kind!r}; expected one of {MARGIN_HEADS}")
+            raise ConfigError(f"unknown margin head {kind!r}; expected one of {MARGIN_HEADS}")
         self.kind, self.s, self.m, self.n_classes = kind, float(s), float(m), int(n_classes)
         self.k = int(k) if kind == "subcenter" else 1
         self.weight = nn.Parameter(torch.empty(self.n_classes * self.k, emb_dim))
@@ -123,7 +125,7 @@ class MetricLoss(nn.Module):
         parts = [p.strip() for p in str(train_cfg["loss"]).split("+") if p.strip()]
         bad = [p for p in parts if p not in LOSSES]
         if not parts or bad or sum(p in MARGIN_HEADS for p in parts) > 1:
-            raise ValueError(f"train.loss {train_cfg['loss']!r} must be one of {LOSSES} or one margin "
+            raise ConfigError(f"train.loss {train_cfg['loss']!r} must be one of {LOSSES} or one margin "
                              f"head + triplet, e.g. 'arcface+triplet'")
         self.margin_kind = next((p for p in parts if p in MARGIN_HEADS), None)
         self.use_triplet = "triplet" in parts

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .handoff import HandoffError
 from .errors import PipelineError
 from . import weights
 
@@ -128,7 +129,7 @@ def load_checkpoint(path, map_location="cpu") -> tuple[EmbeddingNet, dict]:
     """Rebuild the model a training checkpoint describes and load its weights (eval mode)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist (train the member first: make 04)")
+        raise HandoffError(f"checkpoint {path} does not exist (train the member first: make 04)")
     try:  # our own artifact: it also holds optimizer state and plain-python config/metrics
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # noqa: BLE001

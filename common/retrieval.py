@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .config import ConfigError
 from .metrics import NEW_WHALE, count_relevant, image_scores, kaggle_map5, relevance
 
 
@@ -37,7 +38,7 @@ def meta_embedding(embeddings: Sequence[np.ndarray], weights: Sequence[float] | 
     if len(weights) != len(embeddings):
         raise ValueError(f"{len(weights)} weights for {len(embeddings)} embedding arrays")
     if any(w < 0 for w in weights) or not any(w > 0 for w in weights):
-        raise ValueError(f"ensemble weights must be >= 0 and not all zero, got {weights}")
+        raise ConfigError(f"ensemble weights must be >= 0 and not all zero, got {weights}")
     rows = {len(e) for e in embeddings}
     if len(rows) != 1:
         raise ValueError(f"embedding arrays disagree on the number of images: {sorted(rows)}")
@@ -52,7 +53,7 @@ def _use_gpu(gpu) -> bool:
     if gpu == "auto":
         return n_gpus > 0
     if gpu and n_gpus == 0:
-        raise RuntimeError("search.gpu is true, but this faiss build sees no GPU (install faiss-gpu or set search.gpu: auto)")
+        raise ConfigError("search.gpu is true, but this faiss build sees no GPU (install faiss-gpu or set search.gpu: auto)")
     return bool(gpu)
 
 
@@ -72,7 +73,7 @@ def build_index(db: np.ndarray, index: str = "flat", nlist: int = 100, nprobe: i
         idx.train(db)
         idx.nprobe = min(int(nprobe), nlist)
     else:
-        raise ValueError(f"search.index must be 'flat' or 'ivf', not {index!r}")
+        raise ConfigError(f"search.index must be 'flat' or 'ivf', not {index!r}")
     if _use_gpu(gpu):
         idx = faiss.index_cpu_to_all_gpus(idx)
     idx.add(db)

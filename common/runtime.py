@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import random
 
+from .config import ConfigError
+
 
 def resolve_device(name: str | None = "auto"):
     """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
@@ -14,7 +16,7 @@ def resolve_device(name: str | None = "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} asked for, but no CUDA GPU is available (set device: auto or cpu)")
+        raise ConfigError(f"device {name!r} asked for, but no CUDA GPU is available (set device: auto or cpu)")
     return dev
 
 

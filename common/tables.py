@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .handoff import HandoffError
+from .config import ConfigError
 from .paths import Paths
 
 NEW_WHALE = "new_whale"
@@ -15,7 +17,7 @@ NEW_WHALE = "new_whale"
 
 def _need(path) -> pd.DataFrame:
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run stage 00 first (make 00)")
+        raise HandoffError(f"{path} is missing: run stage 00 first (make 00)")
     return pd.read_csv(path, dtype={"Image": str, "Id": str}, keep_default_na=False)
 
 
@@ -33,7 +35,7 @@ def with_paths(df: pd.DataFrame, paths: Paths, split: str, use_crops: bool = Tru
 def train_frame(paths: Paths, split: str = "train", fit: str = "local", use_crops: bool = True) -> pd.DataFrame:
     """Metric-learning rows (Image, Id, path): ``fit=local`` → train_local rows, ``full`` → train_full."""
     if fit not in ("local", "full"):
-        raise ValueError(f"train.fit must be 'local' or 'full', not {fit!r}")
+        raise ConfigError(f"train.fit must be 'local' or 'full', not {fit!r}")
     df = clean_frame(paths, split)
     df = df[df[f"train_{fit}"].astype(int) == 1]
     return with_paths(df, paths, split, use_crops)[["Image", "Id", "path"]].reset_index(drop=True)

@@ -35,6 +35,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .handoff import HandoffError
+from .config import ConfigError
 from .augment import build_transforms
 from .datasets import FlukeDataset, encode_labels, hflip_mode, make_loader
 from .inference import embed_images
@@ -71,7 +73,7 @@ def lr_factor(t: float, total: float, warmup: float = 0.0, schedule: str = "cosi
             t, length = t - length, length * mult
         u = t / length
     else:
-        raise ValueError(f"train.schedule must be 'cosine' or 'sgdr', not {schedule!r}")
+        raise ConfigError(f"train.schedule must be 'cosine' or 'sgdr', not {schedule!r}")
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(max(u, 0.0), 1.0)))
 
 
@@ -88,9 +90,9 @@ def resolve_phases(train_cfg: dict, img_size) -> list[tuple[int, int]]:
     try:
         phases = [([int(v) for v in s] if isinstance(s, (list, tuple)) else int(s), int(e)) for s, e in prog]
     except (TypeError, ValueError):
-        raise ValueError(f"train.progressive must be a list of [img_size, epochs] pairs, not {prog!r}") from None
+        raise ConfigError(f"train.progressive must be a list of [img_size, epochs] pairs, not {prog!r}") from None
     if any(e < 1 for _, e in phases):
-        raise ValueError(f"train.progressive phases need >= 1 epoch each: {prog!r}")
+        raise ConfigError(f"train.progressive phases need >= 1 epoch each: {prog!r}")
     return phases
 
 
@@ -132,7 +134,7 @@ def build_optimizer(model, loss_fn: nn.Module, train_cfg: dict) -> torch.optim.O
         return torch.optim.AdamW(groups, lr=lr)
     if kind == "adam":
         return torch.optim.Adam(groups, lr=lr)
-    raise ValueError(f"train.optimizer must be 'adamw' or 'adam', not {kind!r}")
+    raise ConfigError(f"train.optimizer must be 'adamw' or 'adam', not {kind!r}")
 
 
 def _setup(member: dict, train_df: pd.DataFrame, init, device, state=None) -> SimpleNamespace:
@@ -141,7 +143,7 @@ def _setup(member: dict, train_df: pd.DataFrame, init, device, state=None) -> Si
         if col not in train_df.columns:
             raise ValueError(f"training table needs a {col!r} column (has {list(train_df.columns)})")
     if len(train_df) == 0:
-        raise ValueError(f"member {member['name']!r}: no training images (check stage 00's train flags)")
+        raise ConfigError(f"member {member['name']!r}: no training images (check stage 00's train flags)")
     tcfg = member["train"]
     labels, classes = encode_labels(train_df["Id"])
     flip = hflip_mode(member["augment"])
@@ -435,7 +437,7 @@ def _resume_state(last_path: Path, train_df: pd.DataFrame, name: str, n_epochs: 
         return None
     state = torch.load(last_path, map_location="cpu", weights_only=False)
     if state.get("classes") != encode_labels(train_df["Id"])[1]:
-        raise ValueError(f"cannot resume from {last_path}: the training identities changed; rerun without --resume")
+        raise ConfigError(f"cannot resume from {last_path}: the training identities changed; rerun without --resume")
     print(f"resuming {name} from {last_path} (epoch {state['epoch']}/{n_epochs})")
     return state
 
@@ -576,7 +578,7 @@ def pretrain_skip_reason(cfg: dict, paths) -> str | None:
         return "pretrain.enabled is false"
     if not paths.clean_pretrain_csv.exists():
         if paths.raw_pretrain_csv.exists():
-            raise FileNotFoundError(f"{paths.clean_pretrain_csv} is missing although {paths.raw_pretrain_csv} "
+            raise HandoffError(f"{paths.clean_pretrain_csv} is missing although {paths.raw_pretrain_csv} "
                                     f"exists: run stage 00 first (make 00)")
         return f"no pretrain set ({paths.raw_pretrain_csv} does not exist)"
     from .tables import clean_frame
