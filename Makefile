@@ -21,6 +21,13 @@ CFG  := $(DATA)/.config
 STAGES := 00 01 02 03 04 05 06
 STAMPS := $(foreach s,demo $(STAGES),$(CFG)/$(s).json)
 
+# ---- code each stage runs: its script + the common/ modules it imports (python -m common.deps) ----
+# Editing one of them reruns that stage (and what depends on its artifacts) on the next `make all`.
+DEPS_MK := .make/deps.mk
+-include $(DEPS_MK)
+$(DEPS_MK): common/deps.py $(wildcard common/*.py) $(wildcard [0-9][0-9]_*.py)
+	@$(PYTHON) -m common.deps --out $@
+
 # ---- outputs that mark each stage done (names mirror common/paths.py) -------------------------
 OUT_00 := $(DATA)/clean/report.json
 OUT_01 := $(DATA)/detector/metrics.json
@@ -36,7 +43,7 @@ help:  ## list targets
 	@echo "Usage: make <target> [PROFILE=demo|full|tiny] [RAW=dir] [DATA=dir] [SET=\"key=value ...\"] [MODEL=name]"
 	@echo
 	@grep -E '^[0-9a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
-	@echo "00..06  rerun one stage now (04/05 accept MODEL=name)"
+	@echo "00..06  rerun one stage now (03/04/05 accept MODEL=name)"
 
 all: $(OUT_06)  ## set up, build the demo if needed, run every stale stage, write the submission
 	@echo "submission: $(OUT_06)"
@@ -60,25 +67,25 @@ $(RAW)/train.csv: | $(VENV_OK) $(CFG)/demo.json
 	       "or omit RAW to use the demo competition in data/raw." >&2; exit 2; fi
 	$(PY) -m common.demo_data --out $(RAW) --config $(CONFIG) $(foreach s,$(SET),--set $(s))
 
-$(OUT_00): 00_clean_data.py $(RAW)/train.csv $(CFG)/00.json | $(VENV_OK)
+$(OUT_00): $(CODE_00) $(RAW)/train.csv $(CFG)/00.json | $(VENV_OK)
 	$(PY) 00_clean_data.py $(ARGS)
-$(OUT_01): 01_train_detector.py $(OUT_00) $(wildcard $(RAW)/boxes.csv) $(CFG)/01.json | $(VENV_OK)
+$(OUT_01): $(CODE_01) $(OUT_00) $(wildcard $(RAW)/boxes.csv) $(CFG)/01.json | $(VENV_OK)
 	$(PY) 01_train_detector.py $(ARGS)
-$(OUT_02): 02_crop_flukes.py $(OUT_01) $(OUT_00) $(CFG)/02.json | $(VENV_OK)
+$(OUT_02): $(CODE_02) $(OUT_01) $(OUT_00) $(CFG)/02.json | $(VENV_OK)
 	$(PY) 02_crop_flukes.py $(ARGS)
-$(OUT_03): 03_pretrain_humpback.py $(OUT_02) $(CFG)/03.json | $(VENV_OK)
+$(OUT_03): $(CODE_03) $(OUT_02) $(CFG)/03.json | $(VENV_OK)
 	$(PY) 03_pretrain_humpback.py $(ARGS)
-$(OUT_04): 04_train_embed.py $(OUT_03) $(OUT_02) $(CFG)/04.json | $(VENV_OK)
+$(OUT_04): $(CODE_04) $(OUT_03) $(OUT_02) $(CFG)/04.json | $(VENV_OK)
 	$(PY) 04_train_embed.py $(ARGS)
-$(OUT_05): 05_pseudo_label.py $(OUT_04) $(CFG)/05.json | $(VENV_OK)
+$(OUT_05): $(CODE_05) $(OUT_04) $(CFG)/05.json | $(VENV_OK)
 	$(PY) 05_pseudo_label.py $(ARGS)
-$(OUT_06): 06_ensemble_submit.py $(OUT_05) $(OUT_04) $(CFG)/06.json | $(VENV_OK)
+$(OUT_06): $(CODE_06) $(OUT_05) $(OUT_04) $(CFG)/06.json | $(VENV_OK)
 	$(PY) 06_ensemble_submit.py $(ARGS)
 
 # `make 04` reruns that stage now, whatever make thinks of its inputs.
-00 01 02 03 06: | $(VENV_OK)
+00 01 02 06: | $(VENV_OK)
 	$(PY) $(wildcard $@_*.py) $(ARGS)
-04 05: | $(VENV_OK)
+03 04 05: | $(VENV_OK)
 	$(PY) $(wildcard $@_*.py) $(ARGS) $(if $(MODEL),--model $(MODEL))
 
 test: $(VENV_OK)  ## run the test suite (unit tests, doctests, CI-sized stage runs)

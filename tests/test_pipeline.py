@@ -60,6 +60,23 @@ def test_make_all_writes_a_valid_submission_then_reruns_nothing(competition):
     assert ran(weights, "06_ensemble_submit.py")
     assert not any(ran(weights, s) for s in STAGE_SCRIPTS[:-1]), "an ensemble weight must only rerun stage 06"
 
+    # a code edit reruns the stages that import the edited module (mtime only; restored afterwards)
+    for module, first_stage in [("common/gallery.py", 6), ("common/training.py", 3), ("common/cleaning.py", 0)]:
+        path = ROOT / module
+        old = path.stat().st_mtime_ns
+        try:
+            os.utime(path, ns=(old, max(old, (data / "submission" / "submission.csv").stat().st_mtime_ns) + 10**9))
+            dry = make("-n", "all", *args, "SET=ensemble.lite0_64_do=2.0")
+        finally:
+            os.utime(path, ns=(old, old))
+        assert [ran(dry, s) for s in STAGE_SCRIPTS] == [i >= first_stage for i in range(7)], (module, dry.stdout)
+
+
+def test_make_stage_passes_the_member_to_03_04_05(competition):
+    args = ["PROFILE=tiny", f"RAW={competition / 'raw'}", f"DATA={competition / 'data'}", "MODEL=lite0_64"]
+    for stage in ("03", "04", "05"):
+        assert "--model lite0_64" in make("-n", stage, *args).stdout
+
 
 def test_make_all_refuses_a_missing_competition(tmp_path):
     out = make("all", "PROFILE=tiny", f"RAW={tmp_path / 'none'}", f"DATA={tmp_path / 'data'}", check=False)
