@@ -42,3 +42,24 @@ def test_shuffled_embedding_scores_lower_and_table_prints():
     text = format_scores({"m": good_s, "ensemble": bad_s})
     assert "val.map20" in text and "test.map5_nw" in text and len(text.splitlines()) == 3
     assert "test" not in local_scores(emb, table, None, k=3)
+
+
+@pytest.mark.parametrize("configured, untuned, expected, source", [(0.7, 0.5, 0.7, "config"), (None, 0.42, 0.42, "untuned")])
+def test_new_whale_threshold_without_validation_queries(configured, untuned, expected, source):
+    """No validation queries (e.g. train.fit=full data): the ID submission uses the configured
+    threshold, else search.new_whale_untuned, never a hidden constant; the test scores use the same."""
+    emb, table, truth = scene()
+    table = table.assign(is_query=0)
+    s = local_scores(emb, table, truth, k=3, threshold=configured, untuned=untuned)
+    assert s["val"] == {"n_queries": 0, "new_whale_threshold": expected, "threshold_source": source}
+    emb[table.index[table["Image"] == "tu1"][0]] = -np.ones(8)  # unlike every whale: cosine < 0
+    emb[table.index[table["Image"] == "ta"][0]] = np.eye(8)[0]     # whale a exactly: cosine ~1
+    preds = predict_test_ids(emb, table, s["val"]["new_whale_threshold"])
+    assert preds[0][0] == "a" and preds[2][0] == "new_whale"
+
+
+def test_configured_threshold_overrides_the_tuned_one():
+    emb, table, truth = scene()
+    assert local_scores(emb, table, truth, k=3)["val"]["threshold_source"] == "tuned"
+    s = local_scores(emb, table, truth, k=3, threshold=0.99)
+    assert s["val"]["new_whale_threshold"] == 0.99 and s["val"]["threshold_source"] == "config"
