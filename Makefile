@@ -36,17 +36,19 @@ OUT_03 := $(DATA)/models/pretrain/summary.json
 OUT_04 := $(DATA)/models/summary.json
 OUT_05 := $(DATA)/pseudo/report.json
 OUT_06 := $(DATA)/submission/submission.csv
+REPORT := $(DATA)/report/index.html
 
-.PHONY: help all setup test bench clean demo predict tensorboard FORCE $(STAGES)
+.PHONY: help all setup test bench clean demo predict report tensorboard browser FORCE $(STAGES)
 
 help:  ## list targets
 	@echo "Usage: make <target> [PROFILE=demo|full|tiny] [RAW=dir] [DATA=dir] [SET=\"key=value ...\"] [MODEL=name]"
 	@echo
-	@grep -E '^[0-9a-z_-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
+	@grep -hE '^[0-9a-z_-]+:.*## ' $(firstword $(MAKEFILE_LIST)) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
 	@echo "00..06  rerun one stage now (03/04/05 accept MODEL=name)"
 
-all: $(OUT_06)  ## set up, build the demo if needed, run every stale stage, write the submission
+all: $(REPORT)  ## set up, build the demo if needed, run every stale stage, write the submission and report
 	@echo "submission: $(OUT_06)"
+	@echo "report:     $(REPORT)"
 
 setup: $(VENV_OK)  ## create .venv from requirements.txt (once; redone when requirements change)
 
@@ -82,14 +84,30 @@ $(OUT_05): $(CODE_05) $(OUT_04) $(CFG)/05.json | $(VENV_OK)
 $(OUT_06): $(CODE_06) $(OUT_05) $(OUT_04) $(CFG)/06.json | $(VENV_OK)
 	$(PY) 06_ensemble_submit.py $(ARGS)
 
+$(REPORT): $(OUT_06) common/report.py $(wildcard $(DATA)/bench/bench.json $(DATA)/bench/ablation.md) | $(VENV_OK)
+	@$(PY) -m common.report $(ARGS)
+
+report: | $(VENV_OK)  ## (re)write DATA/report/index.html: one page with every stage's figures and what to do next
+	$(PY) -m common.report $(ARGS)
+
 # `make 04` reruns that stage now, whatever make thinks of its inputs.
 00 01 02 06: | $(VENV_OK)
 	$(PY) $(wildcard $@_*.py) $(ARGS)
 03 04 05: | $(VENV_OK)
 	$(PY) $(wildcard $@_*.py) $(ARGS) $(if $(MODEL),--model $(MODEL))
 
-test: $(VENV_OK)  ## run the test suite (unit tests, doctests, CI-sized stage runs)
+test: $(VENV_OK) browser  ## run the test suite (unit tests, doctests, CI-sized stage runs, the report in Chromium)
 	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules tests common
+
+# The report's browser test needs Chromium: found on PATH, else installed from Debian's packages
+# where this user may (root with apt-get); otherwise that one test is skipped with the reason.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	 { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	   { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	     { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; } && \
+	   echo "installed chromium for the report's browser test"; } || \
+	 echo "chromium not found and not installable here: the report's browser test will be skipped"
 
 bench: $(VENV_OK)  ## quality/speed benchmarks on the demo competition (slow; fresh make all into DATA/bench; BENCH_ARGS=--variants)
 	$(PY) tests/benchmarks.py --raw $(RAW) --data $(DATA)/bench --config $(CONFIG) $(foreach s,$(SET),--set $(s)) $(BENCH_ARGS)
@@ -101,6 +119,6 @@ tensorboard: $(VENV_OK)  ## TensorBoard over every training run in DATA/models
 	$(VENV)/bin/tensorboard --logdir $(DATA)/models
 
 clean:  ## remove artifacts (never RAW)
-	rm -rf $(addprefix $(DATA)/,clean detector crops models pseudo embeddings submission .config)
+	rm -rf $(addprefix $(DATA)/,clean detector crops models pseudo embeddings submission report .config)
 
 FORCE:

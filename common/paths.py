@@ -238,6 +238,30 @@ class Paths:
         """Default output of ``06_ensemble_submit.py --predict`` (top-k matches of new photos)."""
         return self.submission_dir / "predictions.csv"
 
+    # ---- run report and benchmarks --------------------------------------------------------
+    @property
+    def report_dir(self) -> Path:
+        return self.data / "report"
+
+    @property
+    def report_html(self) -> Path:
+        """One self-contained page per run (python -m common.report, end of make all)."""
+        return self.report_dir / "index.html"
+
+    @property
+    def bench_dir(self) -> Path:
+        """`make bench` runs the pipeline into this folder (a DATA of its own)."""
+        return self.data / "bench"
+
+    @property
+    def bench_json(self) -> Path:
+        return self.bench_dir / "bench.json"
+
+    @property
+    def ablation_md(self) -> Path:
+        """The latest ablation table of `make bench` (Markdown)."""
+        return self.bench_dir / "ablation.md"
+
     # ---- tool state kept inside the project ------------------------------------------
     @property
     def yolo_config_dir(self) -> Path:

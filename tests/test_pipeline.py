@@ -53,6 +53,9 @@ def test_make_all_writes_a_valid_submission_then_reruns_nothing(competition):
     assert list(ids.columns) == ["Image", "Id"] and len(ids) == len(tests)
     assert all(len(x.split()) == 5 for x in ids["Id"])
 
+    report = (data / "report" / "index.html").read_text()
+    assert "5. Local scores" in report and report.count("data:image/png;base64,") >= 6
+
     second = make("all", *args)
     assert not any(ran(second, s) for s in STAGE_SCRIPTS), f"nothing changed but stages reran:\n{second.stdout}"
 
