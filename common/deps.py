@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="makefile fragment to write")
     args = ap.parse_args(argv)
-    lines = [f"# written by python -m common.deps; one line per stage: the files whose change reruns it"]
+    lines = ["# written by python -m common.deps; one line per stage: the files whose change reruns it"]
     for script in sorted(ROOT.glob("[0-9][0-9]_*.py")):
         lines.append(f"CODE_{script.name[:2]} := {' '.join(closure(script))}")
     out = Path(args.out)
