@@ -33,7 +33,7 @@ from .config import ConfigError
 from .errors import PipelineError
 from .io import ImageReadError, read_image, save_figure, write_csv, write_json
 from .paths import Paths
-from .tables import NEW_WHALE
+from .metrics import NEW_WHALE
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 REASONS = ("unreadable", "too_small", "duplicate", "conflicting_duplicate")

@@ -18,7 +18,6 @@ import argparse
 import copy
 import difflib
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -288,10 +287,6 @@ def write_stamps(cfg: dict, stamp_dir: Path, stages=None) -> list[str]:
             write_text(dest, text)
             changed.append(stage)
     return changed
-
-
-def config_hash(obj: Any) -> str:
-    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------------------

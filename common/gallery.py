@@ -6,6 +6,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .metrics import NEW_WHALE
+
 COLORS = {True: "#1a9850", False: "#d73027", None: "#9e9e9e"}
 
 
@@ -88,7 +90,7 @@ def retrieval_gallery(emb, table, dest, truth=None, n_queries: int = 8, k: int =
             if i < 0:
                 continue
             j = db[i]
-            known = bool(ids[qi]) and bool(ids[j]) and ids[qi] != "new_whale"
+            known = bool(ids[qi]) and bool(ids[j]) and ids[qi] != NEW_WHALE
             row.append({"path": paths[j], "title": f"{ids[j] or '?'}  {s:.3f}", "match": (ids[j] == ids[qi]) if known else None})
         results.append(row)
     return plot_gallery(queries, results, dest)

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .augment import build_transforms
 from .io import read_image
+from .runtime import resolve_device
 
 
 class ImageDataset(Dataset):
@@ -25,12 +26,6 @@ class ImageDataset(Dataset):
         return self.transform(image=read_image(self.paths[i]))["image"]
 
 
-def _device(device) -> torch.device:
-    from .runtime import resolve_device
-
-    return device if isinstance(device, torch.device) else resolve_device(str(device or "auto"))
-
-
 @torch.inference_mode()
 def embed_images(model, image_paths, img_size, batch_size: int = 64, device="cpu", tta_hflip: bool = False,
                  num_workers: int = 0, progress: bool = True, desc: str = "embed") -> np.ndarray:
@@ -41,7 +36,7 @@ def embed_images(model, image_paths, img_size, batch_size: int = 64, device="cpu
     """
     from tqdm.auto import tqdm
 
-    dev = _device(device)
+    dev = resolve_device(device)
     paths = list(image_paths)
     out = np.zeros((len(paths), model.emb_dim), dtype=np.float32)
     if not paths:

@@ -7,11 +7,14 @@ import random
 from .config import ConfigError
 
 
-def resolve_device(name: str | None = "auto"):
-    """``auto`` → CUDA when available, else CPU; ``cuda`` without a GPU is a clear error."""
+def resolve_device(name=None):
+    """A ``torch.device`` from a config value: ``auto`` (or None) → CUDA when available, else CPU;
+    ``cuda`` without a GPU is a clear error; a ``torch.device`` is returned as it is."""
     import torch
 
-    name = name or "auto"
+    if isinstance(name, torch.device):
+        return name
+    name = str(name or "auto")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)

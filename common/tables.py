@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .handoff import HandoffError
 from .config import ConfigError
+from .handoff import HandoffError
 from .paths import Paths
 
-NEW_WHALE = "new_whale"
 
 
 def _need(path) -> pd.DataFrame:

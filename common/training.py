@@ -176,10 +176,6 @@ def _setup(member: dict, train_df: pd.DataFrame, init, device, state=None) -> Si
         sampler=PKSampler(labels, max(P, 1), K, seed=int(member["seed"]), flip=flip))
 
 
-def _device(device) -> torch.device:
-    return device if isinstance(device, torch.device) else resolve_device(device or "auto")
-
-
 def train_mode(model, freeze_bn: bool = False) -> None:
     """``model.train()``; with ``freeze_bn`` the backbone's BatchNorm layers stay in eval mode (their
     ImageNet/stage-03 running statistics are used and kept, as metric-learning fine-tuning with
@@ -284,7 +280,7 @@ def frozen_baseline(member: dict, val_df: pd.DataFrame, device=None, batch_size:
                     progress: bool = True) -> dict:
     """Scores of the member's backbone with its configured (e.g. ImageNet) weights and no
     training: pooled backbone features, at the member's image size. The bar training must beat."""
-    device = _device(device)
+    device = resolve_device(device)
     model = build_model(member["model"]).to(device).eval()
     return evaluate(PooledBackbone(model), val_df, member["model"]["img_size"], device, batch_size,
                     num_workers, progress)
@@ -368,7 +364,7 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
         tcfg["progressive"] = _trim(tcfg["progressive"], int(epochs)) if tcfg["progressive"] else None
     phases = resolve_phases(tcfg, member["model"]["img_size"])
     n_epochs = sum(n for _, n in phases)
-    out_dir, device, seed = Path(out_dir), _device(device), int(member["seed"])
+    out_dir, device, seed = Path(out_dir), resolve_device(device), int(member["seed"])
     seed_everything(seed, deterministic)
     state = _resume_state(out_dir / "last.pt", train_df, member["name"], n_epochs) if resume else None
     run = _setup(member, train_df, init, device, state)
@@ -499,7 +495,7 @@ def lr_find(member: dict, train_df: pd.DataFrame, out_png, *, init=None, device=
     """Exponential LR sweep (``train.lr`` from start_lr to end_lr, group multipliers kept) on PK
     batches from the starting weights (head imprinted as in :func:`fit`); saves the smoothed
     loss-vs-LR plot to ``out_png`` and returns (and prints) the suggested LR (:func:`suggest_lr`)."""
-    device = _device(device)
+    device = resolve_device(device)
     seed_everything(int(member["seed"]))
     run = _setup(member, train_df, init, device)
     size = member["model"]["img_size"]

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from common import demo_data as D
+from common import demo_render as R
 from common.config import load_config
 from common.io import ImageReadError, image_size, read_image
 from common.paths import Paths
@@ -114,9 +115,9 @@ def test_boxes_inside_images_on_train_and_pretrain(tiny):
 
 
 def test_box_is_the_tight_box_of_the_visible_fluke():
-    fluke = D.make_fluke(np.random.default_rng(3), D.COMPETITION)
+    fluke = R.make_fluke(np.random.default_rng(3), R.COMPETITION)
     for k in range(6):
-        img, mask, box = D.photograph(fluke, np.random.default_rng(k), 256)
+        img, mask, box = R.photograph(fluke, np.random.default_rng(k), 256)
         ys, xs = np.nonzero(mask)
         assert img.shape[:2] == mask.shape and img.dtype == np.uint8
         assert box == (xs.min(), ys.min(), xs.max(), ys.max())
@@ -126,8 +127,8 @@ def test_box_is_the_tight_box_of_the_visible_fluke():
 
 
 def test_fluke_pattern_is_individual_and_not_mirror_symmetric():
-    a = D.make_fluke(np.random.default_rng(1), D.COMPETITION)
-    b = D.make_fluke(np.random.default_rng(2), D.COMPETITION)
+    a = R.make_fluke(np.random.default_rng(1), R.COMPETITION)
+    b = R.make_fluke(np.random.default_rng(2), R.COMPETITION)
     body = (a.alpha > 0.5) & (a.alpha[:, ::-1] > 0.5) & (b.alpha > 0.5)
     assert np.abs(a.grey - a.grey[:, ::-1])[body].mean() > 0.1
     assert np.abs(a.grey - b.grey)[body].mean() > 0.1
@@ -138,7 +139,7 @@ def test_pretrain_is_another_population(tiny):
     train, pre = _read(paths.raw_train_csv), _read(paths.raw_pretrain_csv)
     assert pre.Id.nunique() == cfg["n_pretrain_individuals"] and len(pre) >= cfg["n_pretrain_individuals"]
     assert not set(pre.Id) & set(train.Id)
-    sea = D.make_sea(np.random.default_rng(0), 64, 96, D.RELATED).reshape(-1, 3).mean(0)
+    sea = R.make_sea(np.random.default_rng(0), 64, 96, R.RELATED).reshape(-1, 3).mean(0)
     assert sea[2] > sea[0] + 0.1  # related dataset: bluer sea
 
 
@@ -170,7 +171,7 @@ def test_failure_midway_leaves_nothing(tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return real(*args, **kwargs)
 
-    real = D.photograph
+    real = R.photograph
     monkeypatch.setattr(D, "photograph", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         D.generate(tmp_path / "raw", SMALL, progress=False)
