@@ -195,9 +195,12 @@ def stage_parser(description: str | None) -> argparse.ArgumentParser:
 def parse_stage_args(description: str | None, argv=None, extra=None):
     """Parse the common stage flags; returns ``(cfg, paths, args)``.
 
-    ``extra(parser)`` may add stage-specific flags. Also prepares the offline environment
-    (must happen before timm / huggingface_hub / ultralytics are imported).
+    ``extra(parser)`` may add stage-specific flags. Exits with a one-line error when DATA is not
+    writable, removes stale atomic-write temporaries there (common.io.prepare_data_dir), and
+    prepares the offline environment (must happen before timm / huggingface_hub / ultralytics
+    are imported).
     """
+    from .io import DataDirError, prepare_data_dir
     from .paths import Paths
 
     ap = stage_parser(description)
@@ -209,6 +212,10 @@ def parse_stage_args(description: str | None, argv=None, extra=None):
     except ConfigError as e:
         ap.exit(2, f"error: {e}\n")
     paths = Paths(args.raw, args.data)
+    try:  # before any work: DATA must take artifacts; leftovers of killed atomic writes go
+        prepare_data_dir(paths.data, paths.raw)
+    except DataDirError as e:
+        ap.exit(1, f"error: {e}\n")
     prepare_environment(cfg, paths)
     return cfg, paths, args
 
