@@ -244,7 +244,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.stamps:
-        changed = write_stamps(cfg, Paths(args.raw, args.data).config_stamps)
+        from .io import DataDirError, prepare_data_dir
+
+        paths = Paths(args.raw, args.data)
+        try:  # the Makefile runs this first: the same one-line error as the stages
+            prepare_data_dir(paths.data, paths.raw)
+        except DataDirError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        changed = write_stamps(cfg, paths.config_stamps)
         if changed:
             print(f"config changed for: {' '.join(changed)}")
         return 0

@@ -264,6 +264,10 @@ CASES = [
     Case("unlisted-unreadable-and-non-image-test-files", _unlisted_and_ignored, r"1 unlisted files not used", rc=0,
          check=_check(**{"train.unlisted_files": ["stray.jpg"], "test.ignored_files": ["notes.txt"],
                          "test": _reasons(**{"t_bad.jpg": "unreadable"})})),
+    Case("test-image-identical-to-a-train-image",
+         lambda raw: (raw / "test" / "t_same.jpg").write_bytes((raw / "train" / "w2_1.jpg").read_bytes()),
+         r"1 identical image\(s\) across test and train", rc=0,
+         check=_check(**{"cross_duplicates.test~train": [{"test": "t_same.jpg", "train": "w2_1.jpg", "Id": "w2"}]})),
     Case("few-validation-queries", lambda raw: None,
          r"warning: local validation has only 4 queries \(< clean\.min_val_queries = 20\)", rc=0, sets=[],
          check=_check(warnings=lambda w: len(w) == 1 and "4 queries" in w[0])),
@@ -308,6 +312,9 @@ def test_refusals_are_one_line_without_traceback_for_a_user(tmp_path):
     (tmp_path / "afile").write_text("x")
     res = run00(build(tmp_path / "raw2"), tmp_path / "afile" / "data", QUIET, subprocess_run=True)
     assert res.rc == 1 and "is not a folder" in error_line(res) and res.stdout == ""
+    out = subprocess.run([sys.executable, "-m", "common.config", "--data", str(tmp_path / "afile" / "data"), "--stamps"],
+                         cwd=ROOT, capture_output=True, text=True)  # what `make` runs first
+    assert out.returncode == 1 and "is not a folder" in error_line(Result(out.returncode, out.stdout, out.stderr))
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
@@ -331,7 +338,8 @@ def test_stage01_uses_only_images_stage00_accepted(tmp_path, tree_hash):
     (raw / "train" / "stray.jpg").write_bytes(_jpeg())
     good = sorted(p.name for p in (raw / "train").iterdir() if not p.name.startswith(("w1_trunc", "stray")))
     rows = [f"{name},8,6,{56 - i % 3},{48 - i % 2}" for i, name in enumerate(good)]
-    rows += ["w1_trunc.jpg,10,10,100,80", "w2_0.jpg,50,40,9,7", "stray.jpg,5,5,40,40", "ghost.jpg,1,1,20,20"]
+    rows += ["w3_0.jpg,ten,1,20,30", "w3_1.jpg,5,5,5,30",  # unparseable, zero area
+             "w1_trunc.jpg,10,10,100,80", "w2_0.jpg,50,40,9,7", "stray.jpg,5,5,40,40", "ghost.jpg,1,1,20,20"]
     (raw / "boxes.csv").write_text("Image,x0,y0,x1,y1\n" + "\n".join(rows) + "\n")
     assert run00(raw, data, QUIET).rc == 0
     stale = data / "detector" / f".dataset.part-{_dead_pid()}-abc123"
@@ -344,7 +352,7 @@ def test_stage01_uses_only_images_stage00_accepted(tmp_path, tree_hash):
     ann = json.loads((data / "detector" / "metrics.json").read_text())["annotations"]
     n = len(rows) + 1  # header is line 1
     assert {r["row"]: r["reason"] for r in ann["skipped_rows"]} == {
-        f"boxes.csv:{n - 3}": "not_accepted", f"boxes.csv:{n - 1}": "not_accepted", f"boxes.csv:{n}": "unknown_image"}
+        f"boxes.csv:{n - 5}": "unparseable", f"boxes.csv:{n - 4}": "zero_area", f"boxes.csv:{n - 3}": "not_accepted", f"boxes.csv:{n - 1}": "not_accepted", f"boxes.csv:{n}": "unknown_image"}
     trunc = next(r for r in ann["skipped_rows"] if r["row"] == f"boxes.csv:{n - 3}")
     assert "w1_trunc.jpg" in trunc["detail"] and "truncated" in trunc["detail"]
     assert ann["swapped"] == 1 and ann["valid"] == 14 and f"boxes.csv:{n - 3}" in out.stdout
