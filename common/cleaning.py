@@ -10,8 +10,10 @@ Rules, in order, for a labelled split (train, pretrain):
 
 Test images are only dropped when unreadable (every test photo should get a prediction); tiny
 ones are kept and duplicates are reported. Bad input (no ``train.csv``, missing columns, a
-listed file that does not exist, an empty folder) raises :class:`CleaningError` naming the file
-or row; nothing is written then.
+listed file that does not exist, an empty folder, a file name in both train/ and test/, fewer
+than 2 identities with >= 2 usable images) raises :class:`CleaningError` naming the file or row;
+nothing is written then. Fewer validation queries than ``clean.min_val_queries`` is a warning
+(report ``warnings``).
 
 The local-validation split (:func:`split_flags`) is a pure function of the ``(Image, Id)``
 table and a seed.
@@ -329,7 +331,7 @@ def clean_competition(paths: Paths, clean_cfg: dict, progress: bool = True) -> t
     if ids["with_2plus"] < 2:
         raise CleaningError(
             f"{paths.raw_train_csv}: {ids['with_2plus']} identit{'y has' if ids['with_2plus'] == 1 else 'ies have'} "
-            f">= 2 usable images, at least 2 are needed to train and validate ({ids['known']} identities, "
+            f">= 2 usable images, at least 2 are needed to train and validate ({ids['known']} Id(s) in all, "
             f"{ids['singletons']} with one image, {ids['new_whale_images']} new_whale images; "
             f"{train_rep['kept']} of {train_rep['listed']} listed images usable)")
     warnings = []

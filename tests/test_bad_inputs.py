@@ -242,7 +242,7 @@ CASES = [
          r"test: no image files"),
     Case("same-name-in-train-and-test", _name_clash,
          r"train and .*test both hold 2 file name\(s\): w1_0\.jpg, w2_0\.jpg; image names must be unique"),
-    Case("single-identity", _one_identity, r"train\.csv: 1 identity has >= 2 usable images.*\(1 identities"),
+    Case("single-identity", _one_identity, r"train\.csv: 1 identity has >= 2 usable images.*\(1 Id\(s\) in all, 0 with one image, 0 new_whale"),
     Case("all-new-whale", _all_new_whale, r"train\.csv: 0 identities have >= 2 usable images.*13 new_whale images"),
     Case("every-image-unreadable", _all_unreadable, r"train\.csv: no usable image left after cleaning \(unreadable 13"),
     Case("pretrain-without-csv", lambda raw: (raw / "pretrain" / "train").mkdir(parents=True),
