@@ -71,11 +71,11 @@ def accepted_images(paths: Paths) -> dict[str, list[str]]:
 def rejected_images(paths: Paths) -> dict[tuple[str, str], str]:
     """``{(split, image): why stage 00 did not accept it}`` from clean/report.json (dropped,
     unlisted and ignored files); empty when there is no report."""
-    import json
+    from .io import read_json
 
     if not paths.clean_report.exists():
         return {}
-    report = json.loads(paths.clean_report.read_text())
+    report = read_json(paths.clean_report)
     out = {}
     for split in ("train", "test", "pretrain"):
         rep = report.get(split) or {}
