@@ -1,9 +1,10 @@
 """Stage 01 - train the YOLO fluke detector on the annotated boxes.
 
 Reads RAW/boxes.csv (makesense.ai export or Image,x0,y0,x1,y1; or `detector.boxes`: another CSV
-or a folder of YOLO txt labels), finds each image in train/, test/ or pretrain/train/, skips and
-counts bad rows, writes an ultralytics dataset with an image-level train/val split to
-DATA/detector/dataset + data.yaml, trains `detector.model` offline, and writes
+or a folder of YOLO txt labels), finds each image in train/, test/ or pretrain/train/ and uses it
+only when stage 00 accepted it (clean/*.csv), skips and counts bad rows (each listed with its
+reason in metrics.json "annotations.skipped_rows"), writes an ultralytics dataset with an
+image-level train/val split to DATA/detector/dataset + data.yaml, trains `detector.model` offline, and writes
 DATA/detector/best.pt, curves.png and metrics.json (mAP50, mAP50-95 on the held-out boxes).
 Without annotations it writes metrics.json with "trained": false and stage 02 uses whole images.
 """
@@ -18,7 +19,8 @@ from common.errors import run_stage
 def main() -> int:
     cfg, paths, _ = parse_stage_args(__doc__)
     from common import annotations, detector
-    from common.io import write_json
+    from common.io import ImageReadError, write_json
+    from common.tables import accepted_images, rejected_images
     from common.runtime import resolve_device
 
     det = cfg["detector"]
@@ -32,16 +34,24 @@ def main() -> int:
     folders = {s: paths.raw_dir(s) for s in ("train", "test", "pretrain")}
     try:
         detector.check_model_spec(det["model"])
-        boxes, report = annotations.load_annotations(source, folders)
-    except (annotations.AnnotationError, detector.DetectorError) as e:
+        boxes, report = annotations.load_annotations(source, folders, accepted_images(paths), rejected_images(paths))
+    except (annotations.AnnotationError, detector.DetectorError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     skipped = ", ".join(f"{k} {v}" for k, v in report["skipped"].items() if v) or "none"
     print(f"01: {report['valid']} valid boxes on {report['images']} images from {source} "
-          f"({report['rows']} rows; skipped: {skipped}; clipped {report['clipped']})")
+          f"({report['rows']} rows; skipped: {skipped}; corners swapped {report['swapped']}; clipped {report['clipped']})")
+    for r in report["skipped_rows"][:10]:
+        print(f"01:   skipped {r['row']}: {r['reason']}: {r['detail']}")
+    if len(report["skipped_rows"]) > 10:
+        print(f"01:   ... {len(report['skipped_rows']) - 10} more in {paths.detector_metrics}")
 
-    counts = annotations.write_yolo_dataset(boxes, paths.detector_dataset, val_frac=det["val_frac"],
-                                            seed=cfg["seed"], max_side=det["imgsz"])
+    try:
+        counts = annotations.write_yolo_dataset(boxes, paths.detector_dataset, val_frac=det["val_frac"],
+                                                seed=cfg["seed"], max_side=det["imgsz"])
+    except ImageReadError as e:
+        print(f"error: {e} (it changed since stage 00 accepted it: rerun make 00)", file=sys.stderr)
+        return 1
     if counts["val"]["images"] == 0:
         print("01: warning: too few images for a hold-out; mAP is measured on the training images")
     annotations.write_data_yaml(paths.detector_yaml, paths.detector_dataset,

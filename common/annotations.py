@@ -9,8 +9,11 @@ Accepted sources (one fluke class):
 
 Boxes are in pixels of the image as displayed (EXIF orientation applied), like ``read_image``.
 Bad rows are skipped and counted by reason: ``unparseable``, ``unknown_image`` (not found in
-any split folder), ``unreadable_image``, ``zero_area``, ``outside_image`` (less than half of the
-box lies inside the image); boxes slightly past the border are clipped (``clipped``).
+any split folder), ``not_accepted`` (stage 00 dropped the image, or it is not listed: only images
+of stage 00's clean tables are used), ``unreadable_image``, ``zero_area``, ``outside_image`` (less
+than half of the box lies inside the image); each skipped line is listed with its reason
+(``skipped_rows``). Repaired rows are counted: corners given in the wrong order (x0 > x1 or
+y0 > y1) are swapped (``swapped``), boxes slightly past the border are clipped (``clipped``).
 
 >>> to_yolo((10, 20, 110, 70), 200, 100)
 (0.3, 0.45, 0.5, 0.5)
@@ -35,7 +38,7 @@ MAKESENSE_COLUMNS = ["label_name", "bbox_x", "bbox_y", "bbox_width", "bbox_heigh
 XYXY_COLUMNS = ["Image", "x0", "y0", "x1", "y1"]
 BOX_FRAME = ["Image", "x0", "y0", "x1", "y1", "ref_w", "ref_h", "normalized", "row"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-SKIP_REASONS = ("unparseable", "unknown_image", "unreadable_image", "zero_area", "outside_image")
+SKIP_REASONS = ("unparseable", "unknown_image", "not_accepted", "unreadable_image", "zero_area", "outside_image")
 
 
 class AnnotationError(PipelineError, ValueError):
@@ -72,7 +75,7 @@ def read_boxes(source) -> tuple[pd.DataFrame, dict]:
         raise AnnotationError(f"annotations not found: {source}")
     boxes = pd.DataFrame(records, columns=BOX_FRAME)
     return boxes, {"source": str(source), "rows": len(records) + len(bad), "unparseable": len(bad),
-                   "unparseable_rows": bad[:10]}
+                   "unparseable_rows": bad}
 
 
 def _read_csv(path: Path) -> tuple[list, list]:
@@ -182,13 +185,15 @@ def check_boxes(boxes: pd.DataFrame, sizes: dict[str, tuple[int, int]]) -> tuple
 
     YOLO rows are scaled by the image size; makesense rows whose ``ref_w/ref_h`` differ from the
     real size (the annotator worked on a resized copy) are rescaled. Returns the valid boxes
-    (corners clipped, ``width``/``height`` added) and counts per skip reason plus ``clipped``.
+    (corners put in order and clipped, ``width``/``height`` added) and counts per skip reason plus
+    ``swapped`` and ``clipped``, with examples and the skipped rows (``{"row", "reason", "detail"}``).
     """
     df = boxes.copy()
     wh = np.array([sizes[p] for p in df["path"]], dtype=float).reshape(-1, 2)
     df["width"], df["height"] = wh[:, 0].astype(int), wh[:, 1].astype(int)
     sx = np.where(df["normalized"], df["width"], np.where(df["ref_w"] > 0, df["width"] / df["ref_w"], 1.0))
     sy = np.where(df["normalized"], df["height"], np.where(df["ref_h"] > 0, df["height"] / df["ref_h"], 1.0))
+    swapped = (df["x0"] > df["x1"]) | (df["y0"] > df["y1"])
     x0, x1 = np.minimum(df["x0"], df["x1"]) * sx, np.maximum(df["x0"], df["x1"]) * sx
     y0, y1 = np.minimum(df["y0"], df["y1"]) * sy, np.maximum(df["y0"], df["y1"]) * sy
     area = (x1 - x0) * (y1 - y0)
@@ -199,47 +204,80 @@ def check_boxes(boxes: pd.DataFrame, sizes: dict[str, tuple[int, int]]) -> tuple
     outside = ~zero & (inside < 0.5 * area)
     clipped = ~zero & ~outside & (inside < area)
     df["x0"], df["y0"], df["x1"], df["y1"] = cx0, cy0, cx1, cy1
-    counts = {"zero_area": int(zero.sum()), "outside_image": int(outside.sum()), "clipped": int(clipped.sum())}
-    examples = {"zero_area": list(df["row"][zero][:10]), "outside_image": list(df["row"][outside][:10])}
-    return df[~zero & ~outside].reset_index(drop=True), {**counts, "examples": examples}
+    counts = {"zero_area": int(zero.sum()), "outside_image": int(outside.sum()), "swapped": int((swapped & ~zero).sum()),
+              "clipped": int(clipped.sum())}
+    examples = {"zero_area": list(df["row"][zero][:10]), "outside_image": list(df["row"][outside][:10]),
+                "swapped": list(df["row"][swapped & ~zero][:10])}
+    size = lambda r: f"{r.width}x{r.height} image"  # noqa: E731
+    skipped = ([{"row": r.row, "reason": "zero_area", "detail": f"box has no area in its {size(r)}"}
+                for r in df[zero].itertuples()]
+               + [{"row": r.row, "reason": "outside_image", "detail": f"box lies mostly outside its {size(r)}"}
+                  for r in df[outside].itertuples()])
+    return df[~zero & ~outside].reset_index(drop=True), {**counts, "examples": examples, "skipped_rows": skipped}
 
 
-def resolve_boxes(boxes: pd.DataFrame, folders: dict) -> tuple[pd.DataFrame, dict]:
+def resolve_boxes(boxes: pd.DataFrame, folders: dict, accepted: dict | None = None,
+                  rejected: dict | None = None) -> tuple[pd.DataFrame, dict]:
     """Find every box's image in the split folders, check its geometry; drop and count bad rows.
 
-    Returns boxes with ``Image`` (file name), ``split``, ``path``, ``width``, ``height`` and pixel
-    corners, and a report ``{"skipped": {reason: n}, "clipped": n, "examples": ...}``.
+    ``accepted`` (``{split: image names}``, stage 00's clean tables) limits the images used; a
+    box on another image is skipped as ``not_accepted``, with stage 00's reason from ``rejected``
+    (``{(split, image): reason}``) when known. Returns boxes with ``Image`` (file name),
+    ``split``, ``path``, ``width``, ``height`` and pixel corners, and a report
+    ``{"skipped": {reason: n}, "swapped": n, "clipped": n, "examples": ..., "skipped_rows": [...]}``.
     """
     index = image_index(folders)
     hit = boxes["Image"].map(lambda n: index.get(n))
     unknown = hit.isna()
+    skipped_rows = [{"row": r.row, "reason": "unknown_image",
+                     "detail": f"{r.Image!r} is in none of {', '.join(str(f) for f in folders.values())}"}
+                    for r in boxes[unknown].itertuples()]
     df = boxes[~unknown].copy()
     df["split"] = [hit[i][0] for i in df.index]
     df["path"] = [str(hit[i][1]) for i in df.index]
     df["Image"] = [Path(p).name for p in df["path"]]
-    sizes, unreadable = {}, set()
-    for p in df["path"].unique():
+    if accepted is not None:
+        ok = {(split, name) for split, names in accepted.items() for name in names}
+        refused = pd.Series([(s, n) not in ok for s, n in zip(df["split"], df["Image"])], index=df.index, dtype=bool)
+    else:
+        refused = pd.Series(False, index=df.index, dtype=bool)
+    why = rejected or {}
+    skipped_rows += [{"row": r.row, "reason": "not_accepted",
+                      "detail": f"{r.split}/{r.Image}: stage 00: {why.get((r.split, r.Image), 'not in its clean table')}"}
+                     for r in df[refused].itertuples()]
+    sizes, unreadable = {}, {}
+    for p in df.loc[~refused, "path"].unique():
         try:
             sizes[p] = oriented_size(p)
-        except Exception:  # noqa: BLE001 - any decoder failure means the same: unusable image
-            unreadable.add(p)
-    bad_img = df["path"].isin(unreadable)
-    examples = {"unknown_image": list(boxes["row"][unknown][:10]), "unreadable_image": list(df["row"][bad_img][:10])}
-    df, geo = check_boxes(df[~bad_img], sizes)
-    skipped = {"unknown_image": int(unknown.sum()), "unreadable_image": int(bad_img.sum()),
-               "zero_area": geo["zero_area"], "outside_image": geo["outside_image"]}
-    return df, {"skipped": skipped, "clipped": geo["clipped"], "examples": {**examples, **geo["examples"]}}
+        except Exception as e:  # noqa: BLE001 - any decoder failure means the same: unusable image
+            unreadable[p] = str(e) or type(e).__name__
+    bad_img = ~refused & df["path"].isin(unreadable)
+    skipped_rows += [{"row": r.row, "reason": "unreadable_image", "detail": unreadable[r.path]}
+                     for r in df[bad_img].itertuples()]
+    examples = {"unknown_image": list(boxes["row"][unknown][:10]), "not_accepted": list(df["row"][refused][:10]),
+                "unreadable_image": list(df["row"][bad_img][:10])}
+    df, geo = check_boxes(df[~refused & ~bad_img], sizes)
+    skipped = {"unknown_image": int(unknown.sum()), "not_accepted": int(refused.sum()),
+               "unreadable_image": int(bad_img.sum()), "zero_area": geo["zero_area"],
+               "outside_image": geo["outside_image"]}
+    return df, {"skipped": skipped, "swapped": geo["swapped"], "clipped": geo["clipped"],
+                "examples": {**examples, **geo["examples"]}, "skipped_rows": skipped_rows + geo["skipped_rows"]}
 
 
-def load_annotations(source, folders: dict) -> tuple[pd.DataFrame, dict]:
+def load_annotations(source, folders: dict, accepted: dict | None = None,
+                     rejected: dict | None = None) -> tuple[pd.DataFrame, dict]:
     """read_boxes + resolve_boxes; raise AnnotationError when no valid box is left."""
     boxes, report = read_boxes(source)
-    valid, checked = resolve_boxes(boxes, folders)
+    valid, checked = resolve_boxes(boxes, folders, accepted, rejected)
     skipped = {"unparseable": report["unparseable"], **checked["skipped"]}
-    examples = {"unparseable": report["unparseable_rows"], **checked["examples"]}
+    examples = {"unparseable": report["unparseable_rows"][:10], **checked["examples"]}
+    rows = [{"row": r, "reason": "unparseable", "detail": "not a box (missing field or not a number)"}
+            for r in report["unparseable_rows"]] + checked["skipped_rows"]
+    line = lambda r: int(r["row"].rsplit(":", 1)[-1])  # noqa: E731
     out = {"source": report["source"], "rows": report["rows"], "valid": len(valid),
-           "images": int(valid["path"].nunique()), "skipped": skipped, "clipped": checked["clipped"],
-           "examples": {k: v for k, v in examples.items() if v}}
+           "images": int(valid["path"].nunique()), "skipped": skipped, "swapped": checked["swapped"],
+           "clipped": checked["clipped"], "examples": {k: v for k, v in examples.items() if v},
+           "skipped_rows": sorted(rows, key=lambda r: (r["row"].rsplit(":", 1)[0], line(r)))}
     if valid.empty:
         reasons = ", ".join(f"{k}: {v}" for k, v in skipped.items() if v) or "no rows"
         raise AnnotationError(f"{source}: no valid box among {report['rows']} rows ({reasons}); "
@@ -262,16 +300,24 @@ def write_yolo_dataset(boxes: pd.DataFrame, out_dir, *, val_frac: float = 0.15, 
 
     Images are decoded once and stored as JPEG with their longest side <= ``max_side`` (YOLO
     resizes to its input size anyway; labels are normalised so they do not change). The folder
-    is rebuilt from scratch and swapped in at the end. Returns counts per part.
+    is rebuilt in a staging folder and swapped in at the end (common.io.atomic_dir): an error or
+    a kill never leaves a half-written dataset. Returns counts per part.
     """
+    out_dir = Path(out_dir)
+    shutil.rmtree(out_dir.with_name(out_dir.name + ".tmp"), ignore_errors=True)  # staging folder of older versions
+    from .io import atomic_dir
+
+    with atomic_dir(out_dir) as tmp:
+        return _write_dataset(boxes, tmp, val_frac, seed, max_side, progress)
+
+
+def _write_dataset(boxes: pd.DataFrame, tmp: Path, val_frac: float, seed: int, max_side: int | None,
+                   progress: bool) -> dict:
     import cv2
     from tqdm import tqdm
 
     from .io import read_image
 
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     val = split_images(boxes["path"], val_frac, seed)
     counts = {"train": {"images": 0, "boxes": 0}, "val": {"images": 0, "boxes": 0}}
     groups = boxes.groupby("path", sort=True)
@@ -296,8 +342,6 @@ def write_yolo_dataset(boxes: pd.DataFrame, out_dir, *, val_frac: float = 0.15, 
     for part in ("train", "val"):
         (tmp / "images" / part).mkdir(parents=True, exist_ok=True)
         (tmp / "labels" / part).mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
     return counts
 
 

@@ -10,8 +10,10 @@ Rules, in order, for a labelled split (train, pretrain):
 
 Test images are only dropped when unreadable (every test photo should get a prediction); tiny
 ones are kept and duplicates are reported. Bad input (no ``train.csv``, missing columns, a
-listed file that does not exist, an empty folder) raises :class:`CleaningError` naming the file
-or row; nothing is written then.
+listed file that does not exist, an empty folder, a file name in both train/ and test/, fewer
+than 2 identities with >= 2 usable images) raises :class:`CleaningError` naming the file or row;
+nothing is written then. Fewer validation queries than ``clean.min_val_queries`` is a warning
+(report ``warnings``).
 
 The local-validation split (:func:`split_flags`) is a pure function of the ``(Image, Id)``
 table and a seed.
@@ -19,9 +21,6 @@ table and a seed.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,9 +30,9 @@ import pandas as pd
 
 from .config import ConfigError
 from .errors import PipelineError
-from .io import ImageReadError, read_image, save_figure, write_csv, write_json
-from .paths import Paths
+from .io import ImageReadError, atomic_dir, read_image, save_figure, write_csv, write_json
 from .metrics import NEW_WHALE
+from .paths import Paths
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 REASONS = ("unreadable", "too_small", "duplicate", "conflicting_duplicate")
@@ -77,6 +76,7 @@ def read_labels(csv_path: Path, image_dir: Path) -> pd.DataFrame:
         raise CleaningError(f"{csv_path}: missing column(s) {', '.join(missing)}; found {', '.join(df.columns) or 'none'}")
     if df.empty:
         raise CleaningError(f"{csv_path}: no rows")
+    cells = df["Image"].tolist()  # as written, for messages
     df = df[["Image", "Id"]].apply(lambda s: s.str.strip())
     line = lambda i: f"{csv_path} line {i + 2}"  # noqa: E731  (header is line 1)
     for i, (image, wid) in enumerate(zip(df["Image"], df["Id"])):
@@ -92,8 +92,24 @@ def read_labels(csv_path: Path, image_dir: Path) -> pd.DataFrame:
     present = set(list_files(image_dir))
     for i, image in enumerate(df["Image"]):
         if image not in present:
-            raise CleaningError(f"{line(i)}: image {image} does not exist in {image_dir}")
+            spaced = sorted(f for f in present if f.strip() == image)
+            hint = (f"; the folder has {spaced[0]!r}: remove the spaces around the file name" if spaced else "")
+            raise CleaningError(f"{line(i)}: image {show_name(cells[i])} does not exist in {image_dir}{hint}")
     return df.reset_index(drop=True)
+
+
+def show_name(name: str) -> str:
+    """A file name as written, quoted (repr) when spaces or odd characters would hide its real form.
+
+    >>> show_name("a.jpg"), show_name("a.jpg ")
+    ('a.jpg', "'a.jpg '")
+    """
+    return name if name == name.strip() and name.isprintable() else repr(name)
+
+
+def _some(names, n: int = 10) -> str:
+    names = list(names)
+    return ", ".join(map(show_name, names[:n])) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def _inspect_one(path: Path) -> dict:
@@ -293,20 +309,37 @@ def clean_competition(paths: Paths, clean_cfg: dict, progress: bool = True) -> t
     Every input is validated before the (slow) image pass; CleaningError on bad input.
     """
     start = time.time()
-    if not int(clean_cfg["min_side"]) >= 1 or not 0.0 <= float(clean_cfg["unseen_frac"]) < 1.0:
-        raise CleaningError(f"clean.min_side must be >= 1 and clean.unseen_frac in [0, 1); got {clean_cfg}")
+    if (not int(clean_cfg["min_side"]) >= 1 or not 0.0 <= float(clean_cfg["unseen_frac"]) < 1.0
+            or not int(clean_cfg["min_val_queries"]) >= 0):
+        raise CleaningError(f"clean.min_side must be >= 1, clean.unseen_frac in [0, 1) and clean.min_val_queries "
+                            f">= 0; got {clean_cfg}")
     if not paths.raw.is_dir():
         raise CleaningError(f"{paths.raw}: raw competition folder is missing")
     if paths.clean_dir.resolve().is_relative_to(paths.raw):
         raise CleaningError(f"{paths.clean_dir} lies inside the raw folder {paths.raw}, which is never written")
     train_labels = read_labels(paths.raw_train_csv, paths.raw_dir("train"))
     test_names, test_ignored = _test_images(paths.raw_dir("test"))
+    shared = sorted(set(train_labels["Image"]) & set(test_names))
+    if shared:  # later stages key every image by its name
+        raise CleaningError(f"{paths.raw_dir('train')} and {paths.raw_dir('test')} both hold {len(shared)} "
+                            f"file name(s): {_some(shared)}; image names must be unique across train/ and test/")
     has_pretrain = paths.raw_pretrain.exists()
     if has_pretrain:
         pre_labels = read_labels(paths.raw_pretrain_csv, paths.raw_dir("pretrain"))
 
     train, train_info, train_rep = _clean_labelled(train_labels, paths.raw_train_csv, paths.raw_dir("train"),
                                                    clean_cfg, progress, "inspect train")
+    ids, n_val = train_rep["identities"], train_rep["split"]["val_queries"]
+    if ids["with_2plus"] < 2:
+        raise CleaningError(
+            f"{paths.raw_train_csv}: {ids['with_2plus']} identit{'y has' if ids['with_2plus'] == 1 else 'ies have'} "
+            f">= 2 usable images, at least 2 are needed to train and validate ({ids['known']} Id(s) in all, "
+            f"{ids['singletons']} with one image, {ids['new_whale_images']} new_whale images; "
+            f"{train_rep['kept']} of {train_rep['listed']} listed images usable)")
+    warnings = []
+    if n_val < int(clean_cfg["min_val_queries"]):
+        warnings.append(f"local validation has only {n_val} queries (< clean.min_val_queries = "
+                        f"{clean_cfg['min_val_queries']}): its scores (MAP@20, thresholds) are noise")
     test, test_info, test_rep = _clean_test(paths.raw_dir("test"), test_names, test_ignored, clean_cfg, progress)
     tables = {paths.clean_train_csv: train, paths.clean_test_csv: test}
     cross = {"test~train": cross_duplicates(test_info, train_info, "test", "train")}
@@ -327,6 +360,7 @@ def clean_competition(paths: Paths, clean_cfg: dict, progress: bool = True) -> t
         "test": test_rep,
         "pretrain": pretrain_rep,
         "cross_duplicates": cross,
+        "warnings": warnings,
         "seconds": round(time.time() - start, 2),
     }
     return tables, report
@@ -399,37 +433,16 @@ def summary_figure(train: pd.DataFrame, report: dict):
 
 
 def write_clean_dir(paths: Paths, tables: dict, report: dict, figure=None) -> Path:
-    """Write every clean artifact into a temporary folder, then swap it in for ``paths.clean_dir``.
+    """Write every clean artifact into a staging folder, then swap it in for ``paths.clean_dir``.
 
     A failure leaves the previous ``clean/`` (or none) untouched; report.json is written last.
     """
     dest = paths.clean_dir
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.new-", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; clean/ should look like any folder
-    old = None
-    try:
+    with atomic_dir(dest) as staging:
         staged = lambda p: staging / Path(p).relative_to(dest)  # noqa: E731
         for path, df in tables.items():
             write_csv(staged(path), df)
         if figure is not None:
             save_figure(figure, staged(paths.clean_summary_png))
         write_json(staged(paths.clean_report), report)
-        for p in staging.iterdir():
-            os.chmod(p, 0o666 & ~umask)  # atomic temp files are private too
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
-            os.replace(dest, old / dest.name)
-        try:
-            os.replace(staging, dest)
-        except OSError:
-            if old is not None:
-                os.replace(old / dest.name, dest)
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return dest

@@ -306,9 +306,12 @@ def stage_parser(description: str | None) -> argparse.ArgumentParser:
 def parse_stage_args(description: str | None, argv=None, extra=None):
     """Parse the common stage flags; returns ``(cfg, paths, args)``.
 
-    ``extra(parser)`` may add stage-specific flags. Also prepares the offline environment
-    (must happen before timm / huggingface_hub / ultralytics are imported).
+    ``extra(parser)`` may add stage-specific flags. Exits with a one-line error when DATA is not
+    writable, removes stale atomic-write temporaries there (common.io.prepare_data_dir), and
+    prepares the offline environment (must happen before timm / huggingface_hub / ultralytics
+    are imported).
     """
+    from .io import DataDirError, prepare_data_dir
     from .paths import Paths
 
     ap = stage_parser(description)
@@ -320,6 +323,10 @@ def parse_stage_args(description: str | None, argv=None, extra=None):
     except ConfigError as e:
         ap.exit(2, f"error: {e}\n")
     paths = Paths(args.raw, args.data)
+    try:  # before any work: DATA must take artifacts; leftovers of killed atomic writes go
+        prepare_data_dir(paths.data, paths.raw)
+    except DataDirError as e:
+        ap.exit(1, f"error: {e}\n")
     prepare_environment(cfg, paths)
     return cfg, paths, args
 
@@ -348,7 +355,15 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.stamps:
-        changed = write_stamps(cfg, Paths(args.raw, args.data).config_stamps)
+        from .io import DataDirError, prepare_data_dir
+
+        paths = Paths(args.raw, args.data)
+        try:  # the Makefile runs this first: the same one-line error as the stages
+            prepare_data_dir(paths.data, paths.raw)
+        except DataDirError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        changed = write_stamps(cfg, paths.config_stamps)
         if changed:
             print(f"config changed for: {' '.join(changed)}")
         return 0

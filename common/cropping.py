@@ -95,13 +95,16 @@ def reusable_rows(previous: pd.DataFrame | None, jobs: pd.DataFrame) -> pd.DataF
 
 
 def write_crop(img: np.ndarray, dest, quality: int = 95) -> None:
-    """Write an RGB crop atomically; JPEG quality for .jpg files."""
+    """Write an RGB crop atomically, in the format of its suffix; JPEG quality for .jpg files only
+    (OpenCV warns about a JPEG option given for a PNG)."""
     import cv2
 
     from .io import atomic_path
 
+    jpeg = Path(dest).suffix.lower() in (".jpg", ".jpeg")
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if jpeg else []
     with atomic_path(dest) as tmp:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, int(quality)]):
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(img, cv2.COLOR_RGB2BGR), params):
             raise OSError(f"could not write crop {dest}")
 
 

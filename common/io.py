@@ -1,13 +1,18 @@
 """Atomic artifact writing and small I/O helpers.
 
-Every artifact is written to a temporary file next to its destination and renamed into place,
-so a stage killed half-way never leaves a half-written file that a later stage would trust.
+Every artifact is written to a temporary file (or folder) next to its destination and renamed
+into place, so a stage killed half-way never leaves a half-written file that a later stage would
+trust. Temporary names are recognisable: ``.<dest name>.part-<writer pid>-<random>[<suffix>]``;
+a SIGKILLed writer leaves one behind, and :func:`prepare_data_dir` (run at every stage's start)
+removes those whose writer process is gone.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,6 +22,79 @@ from .errors import PipelineError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_TEMP_RE = re.compile(r"^\..+\.part-(?P<pid>\d+)-[a-z0-9_]+")
+
+
+class DataDirError(OSError):
+    """DATA cannot hold artifacts (not writable, not a folder, inside RAW); the message names it."""
+
+
+def _temp_prefix(dest: Path) -> str:
+    return f".{dest.name}.part-{os.getpid()}-"
+
+
+def temp_writer_pid(name: str) -> int | None:
+    """PID of the process that made an atomic-write temporary file or folder ``name`` (else None).
+
+    >>> temp_writer_pid(".last.pt.part-4242-k3j_9x.pt"), temp_writer_pid(".clean.part-7-ab12"), temp_writer_pid("last.pt")
+    (4242, 7, None)
+    """
+    m = _TEMP_RE.match(name)
+    return int(m["pid"]) if m else None
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temps(root, skip=()) -> list[Path]:
+    """Delete the atomic-write temporaries under ``root`` whose writer process no longer runs
+    (left by a SIGKILL or power loss); folders in ``skip`` are not searched. Returns what went."""
+    root, skip = Path(root), {Path(s).resolve() for s in skip}
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for folder, dirs, files in os.walk(root):
+        if Path(folder).resolve() in skip:
+            dirs[:] = []
+            continue
+        for name in list(dirs) + files:
+            pid = temp_writer_pid(name)
+            if pid is None or _alive(pid):
+                continue
+            p = Path(folder) / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+                dirs.remove(name)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def prepare_data_dir(data, raw=None) -> list[Path]:
+    """Check that artifacts can be written under ``data`` (before any work), then remove stale
+    atomic-write temporaries there (never inside ``raw``). DataDirError with a one-line message."""
+    data = Path(data).resolve()
+    if raw is not None and data.is_relative_to(Path(raw).resolve()):
+        raise DataDirError(f"DATA {data} lies inside the raw folder {Path(raw).resolve()}, which is never written")
+    existing = data
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataDirError(f"DATA {data} cannot be created: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "DATA" if existing == data else f"DATA {data} cannot be created: its parent"
+        raise DataDirError(f"{what} {existing} is not writable (choose another DATA=...)")
+    return remove_stale_temps(data, skip=[raw] if raw is not None else [])
 
 
 @contextlib.contextmanager
@@ -32,7 +110,8 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=dest.suffix or ".tmp", dir=dest.parent)
+    # the suffix is kept last: OpenCV and numpy pick the format from it
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dest), suffix=dest.suffix, dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp)
     os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get normal permissions
@@ -42,6 +121,35 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder next to ``dest``; on success it replaces ``dest`` as a whole.
+
+    A failure (or a kill) leaves the previous ``dest`` (or none) untouched; the staging folder is
+    removed on failure, or by :func:`remove_stale_temps` after a kill.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), dir=dest.parent))
+    os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes it private; dest should look like any folder
+    old = None
+    try:
+        yield staging
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(dest), dir=dest.parent))
+            os.replace(dest, old / dest.name)
+        try:
+            os.replace(staging, dest)
+        except OSError:
+            if old is not None:
+                os.replace(old / dest.name, dest)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(dest, text: str) -> Path:

@@ -52,7 +52,10 @@ def db_labels(paths, table: pd.DataFrame) -> np.ndarray:
 
 
 def predict(cfg: dict, paths, photos, top_k: int = 20, out=None) -> int:
-    """Print and write (``out`` or DATA/submission/predictions.csv) the top-k matches of ``photos``."""
+    """Print and write (``out`` or DATA/submission/predictions.csv) the top-k matches of ``photos``.
+
+    Unreadable photos are skipped with a message and the others matched; the return code is then
+    1 (0 when every photo was matched)."""
     from .config import member_config, member_names
     from .embedding_store import embed_members
     from .inference import embed_images
@@ -61,12 +64,9 @@ def predict(cfg: dict, paths, photos, top_k: int = 20, out=None) -> int:
     from .retrieval import meta_embedding, search
     from .runtime import resolve_device
 
-    photos = [Path(p) for p in photos]
-    try:
-        for p in photos:
-            read_image(p)  # every photo must be readable before anything runs
-    except ImageReadError as e:
-        print(f"error: {e}", file=sys.stderr)
+    photos, bad = readable_photos(photos)
+    if not photos:
+        print("error: no readable photo to match", file=sys.stderr)
         return 1
     names = member_names(cfg)
     table, db = embed_members(cfg, paths, names, log=lambda m: None)
@@ -95,4 +95,20 @@ def predict(cfg: dict, paths, photos, top_k: int = 20, out=None) -> int:
             print(f"\n{p}  nearest known Id: {best}")
             print(g.drop(columns="query").to_string(index=False))
     print(f"\nwrote {dest}")
-    return 0
+    if bad:
+        print(f"error: {len(bad)} of {len(bad) + len(photos)} photos skipped (unreadable): "
+              f"{', '.join(map(str, bad))}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def readable_photos(photos) -> tuple[list[Path], list[Path]]:
+    """(readable photos, unreadable ones); each unreadable one is named on stderr as it is skipped."""
+    good, bad = [], []
+    for p in map(Path, photos):
+        try:
+            read_image(p)
+            good.append(p)
+        except ImageReadError as e:
+            print(f"skipped: {e}", file=sys.stderr)
+            bad.append(p)
+    return good, bad

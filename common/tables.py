@@ -59,3 +59,31 @@ def truth_frame(paths: Paths) -> pd.DataFrame | None:
     if not paths.truth_csv.exists():
         return None
     return pd.read_csv(paths.truth_csv, dtype=str, keep_default_na=False)
+
+
+def accepted_images(paths: Paths) -> dict[str, list[str]]:
+    """Stage 00's hand-off: the usable images of each split (train, test, and pretrain when present)."""
+    out = {"train": clean_frame(paths, "train")["Image"].tolist(), "test": _need(paths.clean_test_csv)["Image"].tolist()}
+    if paths.clean_pretrain_csv.exists():
+        out["pretrain"] = clean_frame(paths, "pretrain")["Image"].tolist()
+    return out
+
+
+def rejected_images(paths: Paths) -> dict[tuple[str, str], str]:
+    """``{(split, image): why stage 00 did not accept it}`` from clean/report.json (dropped,
+    unlisted and ignored files); empty when there is no report."""
+    from .io import read_json
+
+    if not paths.clean_report.exists():
+        return {}
+    report = read_json(paths.clean_report)
+    out = {}
+    for split in ("train", "test", "pretrain"):
+        rep = report.get(split) or {}
+        for d in rep.get("dropped_files", []):
+            out[(split, d["Image"])] = f"{d['reason']}: {d['detail']}"
+        for name in rep.get("unlisted_files", []):
+            out[(split, name)] = "not listed in its train.csv"
+        for name in rep.get("ignored_files", []):
+            out[(split, name)] = "not an image file"
+    return out

@@ -57,9 +57,10 @@ def test_makesense_export_with_or_without_header(raw, tmp_path, header):
 
 def test_corner_format(raw, tmp_path):
     csv = tmp_path / "boxes.csv"
-    csv.write_text("Image,x0,y0,x1,y1\na.jpg,10,20,110,70\nc.png,55,45,5,5\n")  # swapped corners are fine
-    valid, _ = ann.load_annotations(csv, folders(raw))
+    csv.write_text("Image,x0,y0,x1,y1\na.jpg,10,20,110,70\nc.png,55,45,5,5\n")  # swapped corners: repaired, counted
+    valid, report = ann.load_annotations(csv, folders(raw))
     assert boxes_of(valid) == {"a.jpg": (10, 20, 110, 70), "c.png": (5, 5, 55, 45)}
+    assert report["swapped"] == 1 and report["examples"]["swapped"] == ["boxes.csv:3"] and report["skipped_rows"] == []
 
 
 def test_yolo_label_folder(raw, tmp_path):
@@ -90,8 +91,11 @@ def test_bad_rows_are_skipped_and_counted(raw, tmp_path):
     ]) + "\n")
     valid, report = ann.load_annotations(csv, folders(raw))
     assert report["rows"] == 8 and report["valid"] == 2
-    assert report["skipped"] == {"unparseable": 2, "unknown_image": 1, "unreadable_image": 0,
+    assert report["skipped"] == {"unparseable": 2, "unknown_image": 1, "not_accepted": 0, "unreadable_image": 0,
                                  "zero_area": 1, "outside_image": 2}
+    assert [(r["row"], r["reason"]) for r in report["skipped_rows"]] == [
+        ("boxes.csv:4", "outside_image"), ("boxes.csv:5", "outside_image"), ("boxes.csv:6", "zero_area"),
+        ("boxes.csv:7", "unknown_image"), ("boxes.csv:8", "unparseable"), ("boxes.csv:9", "unparseable")]
     assert report["clipped"] == 1
     assert boxes_of(valid)["b.jpg"] == (0, 10, 100, 150)
     assert report["examples"]["unknown_image"] == ["boxes.csv:7"]
@@ -104,6 +108,34 @@ def test_unreadable_image_is_skipped(raw, tmp_path):
     csv.write_text("Image,x0,y0,x1,y1\nbroken.jpg,1,1,20,20\na.jpg,10,20,110,70\n")
     valid, report = ann.load_annotations(csv, folders(raw))
     assert report["skipped"]["unreadable_image"] == 1 and list(valid["Image"]) == ["a.jpg"]
+
+
+def test_only_images_accepted_by_stage00_are_used(raw, tmp_path):
+    csv = tmp_path / "boxes.csv"
+    csv.write_text("Image,x0,y0,x1,y1\na.jpg,10,20,110,70\nb.jpg,30,15,270,135\nc.png,5,5,55,45\n")
+    accepted = {"train": ["a.jpg"], "test": ["c.png"]}
+    valid, report = ann.load_annotations(csv, folders(raw), accepted, {("train", "b.jpg"): "unreadable: file is truncated"})
+    assert sorted(valid["Image"]) == ["a.jpg", "c.png"] and report["skipped"]["not_accepted"] == 1
+    assert report["skipped_rows"] == [{"row": "boxes.csv:3", "reason": "not_accepted",
+                                       "detail": "train/b.jpg: stage 00: unreadable: file is truncated"}]
+
+
+def test_failed_dataset_write_leaves_no_staging_folder(raw, tmp_path, monkeypatch):
+    csv = tmp_path / "boxes.csv"
+    csv.write_text("Image,x0,y0,x1,y1\na.jpg,10,20,110,70\nb.jpg,30,15,270,135\n")
+    valid, _ = ann.load_annotations(csv, folders(raw))
+    out = tmp_path / "det" / "dataset"
+    ann.write_yolo_dataset(valid, out, val_frac=0.5, seed=0, progress=False)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("common.io.read_image", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ann.write_yolo_dataset(valid, out, val_frac=0.5, seed=0, progress=False)
+    assert [p.name for p in out.parent.iterdir()] == ["dataset"], "no staging folder left"
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before, "the previous dataset is kept"
 
 
 def test_no_valid_box_is_a_clear_error(raw, tmp_path):

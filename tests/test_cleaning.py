@@ -12,7 +12,7 @@ from common.cleaning import (CleaningError, apply_rules, clean_competition, form
 from common.config import ROOT, load_config
 from common.paths import Paths
 
-CFG = {"min_side": 32, "unseen_frac": 0.0, "seed": 0, "threads": 2}
+CFG = {"min_side": 32, "unseen_frac": 0.0, "seed": 0, "min_val_queries": 20, "threads": 2}
 _rng = np.random.default_rng(0)
 
 

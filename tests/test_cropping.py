@@ -155,3 +155,12 @@ def test_sample_grid_png(project, tmp_path):
     out = cropping.plot_samples(rows, jobs, tmp_path / "s.png", n=4)
     img = cv2.imread(str(out))
     assert img is not None and img.shape[0] > 100 and img.shape[1] > 300
+
+
+def test_png_crops_are_written_without_opencv_warnings(tmp_path, capfd):
+    img = np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    cropping.write_crop(img, tmp_path / "a.png", quality=80)
+    cropping.write_crop(img, tmp_path / "b.jpg", quality=80)
+    assert capfd.readouterr().err == "", "OpenCV warned (a JPEG option given for a PNG)"
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "a.png"))[..., ::-1], img)  # PNG stays lossless
+    assert cv2.imread(str(tmp_path / "b.jpg")).shape == (30, 40, 3)

@@ -150,8 +150,15 @@ def test_predict_prints_and_writes_matches(comp, tmp_path):
     assert m["match"].iloc[0] == "te_0.jpg"  # the photo itself is in the database: similarity ~1
     assert float(m["similarity"].iloc[0]) > 0.99 and "te_0.jpg" in out.stdout
 
-    bad = stage("06_ensemble_submit.py", comp, "--predict", str(comp.raw / "test" / "broken.jpg"))
-    assert bad.returncode != 0 and "broken.jpg" in bad.stderr
+    broken = comp.raw / "test" / "broken.jpg"
+    bad = stage("06_ensemble_submit.py", comp, "--predict", str(broken))
+    assert bad.returncode != 0 and "broken.jpg" in bad.stderr and "Traceback" not in bad.stderr
+
+    mixed = stage("06_ensemble_submit.py", comp, "--predict", str(broken), str(photo), "--top-k", "2",
+                  "--out", str(tmp_path / "mixed.csv"))  # the bad photo is skipped, the others matched
+    assert mixed.returncode == 1 and "skipped" in mixed.stderr and "broken.jpg" in mixed.stderr, mixed.stderr[-3000:]
+    m = pd.read_csv(tmp_path / "mixed.csv", dtype=str, keep_default_na=False)
+    assert m["query"].tolist() == [str(photo)] * 2 and m["match"].iloc[0] == "te_0.jpg"
 
 
 def test_stages_05_06_without_upstream_reports_fail_clearly(tmp_path):
