@@ -38,7 +38,7 @@ OUT_05 := $(DATA)/pseudo/report.json
 OUT_06 := $(DATA)/submission/submission.csv
 REPORT := $(DATA)/report/index.html
 
-.PHONY: help all setup test bench clean demo predict report tensorboard browser FORCE $(STAGES)
+.PHONY: help all setup test bench bench-speed clean demo predict report tensorboard browser FORCE $(STAGES)
 
 help:  ## list targets
 	@echo "Usage: make <target> [PROFILE=demo|full|tiny] [RAW=dir] [DATA=dir] [SET=\"key=value ...\"] [MODEL=name]"
@@ -111,6 +111,9 @@ browser:
 
 bench: $(VENV_OK)  ## quality/speed benchmarks on the demo competition (slow; fresh make all into DATA/bench; BENCH_ARGS=--variants)
 	$(PY) tests/benchmarks.py --raw $(RAW) --data $(DATA)/bench --config $(CONFIG) $(foreach s,$(SET),--set $(s)) $(BENCH_ARGS)
+
+bench-speed: $(VENV_OK)  ## speed ratios: faiss vs sklearn vs numpy search, extraction and training vs bare model (DATA/bench/speed.md)
+	$(PY) -m common.speed --data $(DATA) $(SPEED_ARGS)
 
 predict: $(VENV_OK)  ## top-k database matches for new photos: make predict IMAGES="a.jpg b.jpg"
 	$(PY) 06_ensemble_submit.py $(ARGS) --predict $(IMAGES)

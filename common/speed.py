@@ -1,0 +1,220 @@
+"""Speed as ratios, measured in one run (``make bench-speed``): each pipeline path against the bare
+work it cannot avoid, on the same machine, batch and size, so the figures travel between machines.
+
+* ``search``: faiss exact top-k vs scikit-learn brute-force NearestNeighbors vs a numpy argsort, on
+  random unit vectors (10k and 100k x 256 by default): same neighbours for the exact ones, speed
+  ratio, and faiss IVF's recall@k against exact with its speed;
+* ``extract``: the pipeline's embedding extraction (decode JPEG, resize, normalise, model, flip TTA)
+  vs the bare backbone forward on ready tensors (both flips), same batch and size; target >= 0.9x;
+* ``train``: the training loop's images/s (data loading, augmentation, loss, optimiser, one epoch
+  of :func:`common.training.fit` without validation) vs a bare forward + backward + step on ready
+  tensors; target >= 0.8x.
+
+Writes ``DATA/bench/speed.json`` and ``speed.md`` (a table) and prints the table.
+    python -m common.speed [--data DATA] [--sizes 10000 100000] [--images 128] [--img-size 224]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import section
+from .io import write_json, write_text
+
+
+def _timed(fn, repeat: int = 1):
+    """Best wall time of ``repeat`` calls, and the last result."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+# ---------------------------------------------------------------------------------------------
+# search
+# ---------------------------------------------------------------------------------------------
+def search_speed(n: int, dim: int = 256, n_queries: int = 1000, k: int = 20, seed: int = 0) -> list[dict]:
+    """faiss flat / sklearn brute / numpy argsort (exact) and faiss IVF, top-k of ``n_queries``
+    random unit vectors among ``n``. Exact methods must return the same neighbours."""
+    import faiss
+    from sklearn.neighbors import NearestNeighbors
+
+    from .retrieval import build_index
+
+    rng = np.random.default_rng(seed)
+    db = rng.normal(size=(n, dim)).astype(np.float32)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q = db[rng.choice(n, n_queries, replace=False)] + 0.05 * rng.normal(size=(n_queries, dim)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+
+    def flat():
+        index = faiss.IndexFlatIP(dim)
+        index.add(db)
+        return index.search(q, k)[1]
+
+    def brute():
+        return NearestNeighbors(n_neighbors=k, algorithm="brute", metric="cosine").fit(db).kneighbors(q)[1]
+
+    def numpy_sort():
+        return np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :k]
+
+    nlist = max(1, int(4 * np.sqrt(n)))
+
+    def ivf():
+        index = build_index(db, "ivf", nlist=nlist, nprobe=max(1, nlist // 16), gpu=False)
+        return index.search(q, k)[1]
+
+    rows, ref = [], None
+    for name, fn in [("faiss flat (exact)", flat), ("sklearn brute (exact)", brute), ("numpy argsort (exact)", numpy_sort),
+                     (f"faiss IVF nlist={nlist} nprobe={max(1, nlist // 16)}", ivf)]:
+        sec, idx = _timed(fn, repeat=2 if n <= 20000 else 1)
+        ref = idx if ref is None else ref
+        recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(idx, ref)]))
+        rows.append({"bench": "search", "case": f"{n // 1000}k x {dim}: {name}", "seconds": round(sec, 4),
+                     "per_s": round(n_queries / sec, 1), "unit": "queries", f"recall@{k}": round(recall, 4)})
+    base = rows[0]["seconds"]
+    for r in rows:
+        r["ratio"] = round(base / r["seconds"], 3)  # > 1: faster than faiss flat
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# extraction and training
+# ---------------------------------------------------------------------------------------------
+def _photos(folder: Path, n: int, size: int = 320, seed: int = 0) -> list[Path]:
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        img = cv2.GaussianBlur(rng.integers(0, 255, (size, int(size * 1.5), 3), dtype=np.uint8), (0, 0), 3)
+        cv2.imwrite(str(folder / f"p{i}.jpg"), img)
+        out.append(folder / f"p{i}.jpg")
+    return out
+
+
+def _model(backbone: str, img_size: int):
+    import torch
+
+    from .models import build_model
+
+    torch.manual_seed(0)
+    return build_model(section("model", backbone=backbone, pretrained="none", img_size=img_size, emb_dim=128))
+
+
+def extract_speed(photos: list[Path], backbone: str, img_size: int, batch: int, workers: int) -> list[dict]:
+    import torch
+
+    from .inference import embed_images
+
+    model = _model(backbone, img_size).eval()
+    n = len(photos)
+    x = torch.randn(batch, 3, img_size, img_size)
+
+    def bare():
+        with torch.inference_mode():
+            for _ in range(max(1, n // batch)):
+                model(x)
+                model(torch.flip(x, dims=[3]))
+
+    embed_images(model, photos[:batch], img_size, batch_size=batch, tta_hflip=True, progress=False)  # warm-up
+    t_bare, _ = _timed(bare)
+    t_pipe, _ = _timed(lambda: embed_images(model, photos, img_size, batch_size=batch, tta_hflip=True,
+                                            num_workers=workers, progress=False))
+    per_bare = max(1, n // batch) * batch / t_bare
+    return [{"bench": "extract", "case": f"bare forward x2 (flip), {backbone} @{img_size} batch {batch}",
+             "seconds": round(t_bare, 3), "per_s": round(per_bare, 1), "unit": "images", "ratio": 1.0},
+            {"bench": "extract", "case": f"pipeline embed_images (decode, resize, TTA), {workers} workers",
+             "seconds": round(t_pipe, 3), "per_s": round(n / t_pipe, 1), "unit": "images",
+             "ratio": round((n / t_pipe) / per_bare, 3), "target": ">= 0.9"}]
+
+
+def train_speed(photos: list[Path], backbone: str, img_size: int, P: int, K: int, workers: int, tmp: Path) -> list[dict]:
+    import pandas as pd
+    import torch
+
+    from .config import load_config, member_config
+    from .losses import MetricLoss
+    from .training import fit
+
+    n = len(photos)
+    ids = [f"w{i // K}" for i in range(n)]
+    cfg = load_config(None, [f"train.P={P}", f"train.K={K}", "train.epochs=1", "train.warmup_epochs=0",
+                             "train.eval_init=false", "train.imprint=false", "augment.hflip=false"])
+    cfg["members"] = {"m": {"model": {"backbone": backbone, "pretrained": "none", "img_size": img_size, "emb_dim": 128}}}
+    member = member_config(cfg, "m")
+    df = pd.DataFrame({"Image": [p.name for p in photos], "Id": ids, "path": [str(p) for p in photos]})
+    res = fit(member, df, None, tmp / "run", device="cpu", num_workers=workers, progress=False)
+    t_loop = res["history"][-1]["time_s"]
+
+    model = _model(backbone, img_size).train()
+    loss_fn = MetricLoss(member["train"], model.emb_dim, max(P, n // K))
+    opt = torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()], lr=1e-4)
+    x, y = torch.randn(P * K, 3, img_size, img_size), torch.arange(P).repeat_interleave(K)
+
+    def bare():
+        for _ in range(max(1, n // (P * K))):
+            opt.zero_grad()
+            loss, _ = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+
+    t_bare, _ = _timed(bare)
+    per_bare = max(1, n // (P * K)) * P * K / t_bare
+    return [{"bench": "train", "case": f"bare forward+backward+step, {backbone} @{img_size} batch {P}x{K}",
+             "seconds": round(t_bare, 3), "per_s": round(per_bare, 1), "unit": "images", "ratio": 1.0},
+            {"bench": "train", "case": f"training loop (load, augment, loss, step), {workers} workers",
+             "seconds": t_loop, "per_s": round(n / t_loop, 1), "unit": "images",
+             "ratio": round((n / t_loop) / per_bare, 3), "target": ">= 0.8"}]
+
+
+# ---------------------------------------------------------------------------------------------
+def markdown(rows: list[dict]) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="data", help="DATA: results go to DATA/bench/speed.{json,md}")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000], help="search database sizes")
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--images", type=int, default=128, help="photos for the extraction/training runs")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--backbone", default="tf_efficientnet_lite0")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--only", nargs="+", choices=["search", "extract", "train"], default=["search", "extract", "train"])
+    args = ap.parse_args(argv)
+    from .paths import Paths
+
+    paths = Paths(args.data, args.data)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="speed_") as tmp:
+        photos = _photos(Path(tmp) / "photos", args.images) if {"extract", "train"} & set(args.only) else []
+        if "search" in args.only:
+            for n in args.sizes:
+                rows += search_speed(n, args.dim, n_queries=min(1000, n // 4))
+        if "extract" in args.only:
+            rows += extract_speed(photos, args.backbone, args.img_size, 32, args.workers)
+        if "train" in args.only:
+            rows += train_speed(photos, args.backbone, args.img_size, 8, 4, args.workers, Path(tmp))
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "argv": sys.argv[1:] if argv is None else argv}
+    write_json(paths.bench_dir / "speed.json", {**meta, "rows": rows})
+    text = markdown(rows)
+    write_text(paths.bench_dir / "speed.md", text)
+    print(text + f"wrote {paths.bench_dir / 'speed.json'}, {paths.bench_dir / 'speed.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""The speed harness on tiny sizes: the table's columns and the exact-search agreement (the
+figures themselves are benchmarks, not tests)."""
+import json
+
+from common.speed import main, search_speed
+
+
+def test_exact_searches_agree_and_ivf_reports_recall():
+    rows = search_speed(600, dim=16, n_queries=50, k=5)
+    assert [r["case"].split(": ")[1].split(" ")[0] for r in rows] == ["faiss", "sklearn", "numpy", "faiss"]
+    assert [r["recall@5"] for r in rows[:3]] == [1.0, 1.0, 1.0]  # the exact ones return faiss flat's neighbours
+    assert 0 < rows[3]["recall@5"] <= 1 and rows[0]["ratio"] == 1.0
+
+
+def test_harness_writes_the_table(tmp_path):
+    assert main(["--data", str(tmp_path), "--sizes", "400", "--dim", "8", "--images", "8", "--img-size", "32",
+                 "--workers", "0"]) == 0
+    res = json.loads((tmp_path / "bench" / "speed.json").read_text())
+    assert {r["bench"] for r in res["rows"]} == {"search", "extract", "train"}
+    for r in res["rows"]:
+        assert {"bench", "case", "seconds", "per_s", "unit", "ratio"} <= set(r) and r["per_s"] > 0
+    assert (tmp_path / "bench" / "speed.md").read_text().startswith("| bench | case |")
