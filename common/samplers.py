@@ -83,3 +83,31 @@ class PKSampler(Sampler):
 
     def __len__(self) -> int:
         return len(self._batches())
+
+
+class DistributedPKSampler(PKSampler):
+    """The single-process PK batches of ``(seed, epoch)``, each split by identity across
+    ``world_size`` ranks: rank ``r`` gets the ``r``-th share of every batch's P identities (K images
+    each). So every rank takes the same number of steps per epoch as one process with the same
+    global batch (P x K), the ranks of one step never share an identity, and together they cover
+    every image each epoch, exactly as one process would.
+
+    >>> labels = np.repeat(np.arange(6), 2)
+    >>> r0, r1 = (DistributedPKSampler(labels, P=4, K=2, rank=r, world_size=2) for r in (0, 1))
+    >>> len(r0) == len(r1) == len(PKSampler(labels, P=4, K=2)), [len(b) for b in r0]
+    (True, [4, 4])
+    """
+
+    def __init__(self, labels, P: int, K: int, seed: int = 0, flip: bool = False, rank: int = 0, world_size: int = 1):
+        super().__init__(labels, P, K, seed=seed, flip=flip)
+        if not 0 <= int(rank) < int(world_size):
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if self.P < world_size:
+            raise ValueError(f"P={self.P} identities per batch cannot be shared by {world_size} ranks")
+        self.rank, self.world_size = int(rank), int(world_size)
+
+    def __iter__(self):
+        for batch in self._batches():
+            groups = [batch[i:i + self.K] for i in range(0, len(batch), self.K)]  # one group per identity
+            share = groups[self.rank::self.world_size]
+            yield [key for group in share for key in group]

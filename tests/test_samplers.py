@@ -75,3 +75,32 @@ def test_p_is_capped_by_the_number_of_identities():
 def test_bad_arguments_are_refused(kwargs):
     with pytest.raises(ValueError):
         PKSampler(**kwargs)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_ranks_split_each_batch_by_identity_and_cover_the_epoch(world):
+    from common.samplers import DistributedPKSampler
+
+    single = PKSampler(LABELS, P=6, K=2, seed=3)
+    ranks = [DistributedPKSampler(LABELS, P=6, K=2, seed=3, rank=r, world_size=world) for r in range(world)]
+    for epoch in (0, 1):
+        for s in [single, *ranks]:
+            s.set_epoch(epoch)
+        per_rank = [list(s) for s in ranks]
+        assert all(len(b) == len(single) for b in per_rank), "same optimisation steps as one process"
+        for step, whole in enumerate(single):
+            parts = [b[step] for b in per_rank]
+            assert sorted(k for p in parts for k in p) == sorted(whole), "the ranks together = the global batch"
+            id_sets = [set(ids_of(p)) for p in parts]
+            assert all(a.isdisjoint(b) for i, a in enumerate(id_sets) for b in id_sets[i + 1:]), "distinct identities"
+            assert all(len(p) == 6 // world * 2 for p in parts)
+        assert {i for b in per_rank for batch in b for i, _, _ in batch} == set(range(len(LABELS)))
+
+
+def test_distributed_sampler_rejects_bad_ranks():
+    from common.samplers import DistributedPKSampler
+
+    with pytest.raises(ValueError, match="rank 2 outside"):
+        DistributedPKSampler(LABELS, P=4, K=2, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="cannot be shared by 8 ranks"):
+        DistributedPKSampler(LABELS, P=4, K=2, world_size=8)
