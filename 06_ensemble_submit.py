@@ -63,15 +63,13 @@ def main() -> int:
 def write_submissions(paths, table, emb, threshold: float, s: dict, kw: dict) -> dict:
     """Both submission files (validated before writing). Raw test images that stage 00 could not
     read get filler rows: the most often returned database images, new_whale first."""
-    from common.cleaning import IMAGE_EXTS
+    from common.tables import submission_images
     from common.evaluation import frequent_ids, predict_test_ids, search_test_images
     from common.submission import (fill_rows, id_frame, image_rows, pad_ids, write_id_submission,
                                    write_image_submission)
 
     tests = table.loc[table["split"] == "test", "Image"].tolist()
-    every = sorted(p.name for p in paths.raw_dir("test").iterdir()
-                   if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_EXTS))
-    missing = sorted(set(every) - set(tests))
+    every, missing = submission_images(paths)  # stage 00 names the test images it could not read
     _, idx = search_test_images(emb, table, s["k"], **kw)
     rows = image_rows(tests, idx, table["Image"])
     rows += fill_rows(missing, rows, table["Image"], s["k"])

@@ -87,3 +87,15 @@ def rejected_images(paths: Paths) -> dict[tuple[str, str], str]:
         for name in rep.get("ignored_files", []):
             out[(split, name)] = "not an image file"
     return out
+
+
+def submission_images(paths: Paths) -> tuple[list[str], list[str]]:
+    """Stage 00's hand-off to stage 06: ``(every test image the submission must list, the ones it
+    could not read)``, from clean/test.csv and the dropped test files of clean/report.json."""
+    from .io import read_json
+
+    usable = _need(paths.clean_test_csv)["Image"].tolist()
+    if not paths.clean_report.exists():
+        raise HandoffError(f"{paths.clean_report} is missing: run stage 00 first (make 00)")
+    dropped = [d["Image"] for d in (read_json(paths.clean_report).get("test") or {}).get("dropped_files", [])]
+    return sorted(set(usable) | set(dropped)), sorted(set(dropped) - set(usable))

@@ -5,6 +5,7 @@ network embeds photos of one whale close together.
 """
 import contextlib
 import io
+import json
 import os
 import runpy
 import sys
@@ -64,6 +65,8 @@ def build_competition(root, seed=0):
     paths.clean_dir.mkdir(parents=True)
     df.to_csv(paths.clean_train_csv, index=False)
     pd.DataFrame({"Image": [t[0] for t in test]}).to_csv(paths.clean_test_csv, index=False)
+    paths.clean_report.write_text(json.dumps({"test": {"dropped_files": [
+        {"Image": "broken.jpg", "reason": "unreadable", "detail": "cannot identify image file"}]}}))
     return paths
 
 
