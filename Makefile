@@ -38,7 +38,7 @@ OUT_05 := $(DATA)/pseudo/report.json
 OUT_06 := $(DATA)/submission/submission.csv
 REPORT := $(DATA)/report/index.html
 
-.PHONY: help all setup test bench bench-speed clean demo predict report tensorboard browser FORCE $(STAGES)
+.PHONY: help all setup test bench bench-targets bench-speed clean demo predict report tensorboard browser FORCE $(STAGES)
 
 help:  ## list targets
 	@echo "Usage: make <target> [PROFILE=demo|full|tiny] [RAW=dir] [DATA=dir] [SET=\"key=value ...\"] [MODEL=name]"
@@ -109,7 +109,12 @@ browser:
 	   echo "installed chromium for the report's browser test"; } || \
 	 echo "chromium not found and not installable here: the report's browser test will be skipped"
 
-bench: $(VENV_OK)  ## quality/speed benchmarks on the demo competition (slow; fresh make all into DATA/bench; BENCH_ARGS=--variants)
+BENCH ?= all
+SEEDS ?= 1
+bench: $(VENV_OK)  ## ablations on RAW: one row per technique (BENCH=name,... subset; SEEDS=3): DATA/bench/ablation.{csv,md,png}
+	$(PY) -m common.ablation --raw $(RAW) --data $(DATA) --config $(CONFIG) $(foreach s,$(SET),--set $(s)) --variants $(BENCH) --seeds $(SEEDS)
+
+bench-targets: $(VENV_OK)  ## the demo's quality/speed targets (fresh make all into DATA/bench; BENCH_ARGS=--variants)
 	$(PY) tests/benchmarks.py --raw $(RAW) --data $(DATA)/bench --config $(CONFIG) $(foreach s,$(SET),--set $(s)) $(BENCH_ARGS)
 
 bench-speed: $(VENV_OK)  ## speed ratios: faiss vs sklearn vs numpy search, extraction and training vs bare model (DATA/bench/speed.md)

@@ -186,13 +186,15 @@ def _rank(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), "big")
 
 
-def split_flags(df: pd.DataFrame, unseen_frac: float = 0.1, seed: int = 42) -> tuple[pd.DataFrame, list[str]]:
+def split_flags(df: pd.DataFrame, unseen_frac: float = 0.1, seed: int = 42,
+                min_train_images: int = 2) -> tuple[pd.DataFrame, list[str]]:
     """Local-validation split of an ``(Image, Id)`` table; returns (``Image,Id,val,train_local,train_full``, unseen Ids).
 
     * every identity with >= 2 images gets one query (``val=1``), chosen by seed;
     * a share ``unseen_frac`` of those identities (seeded) is held out of local training entirely;
-    * ``train_local``: not a query, not unseen, not new_whale, and the identity keeps >= 2 such rows;
-    * ``train_full``: not new_whale and the identity has >= 2 images.
+    * ``train_local``: not a query, not unseen, not new_whale, and the identity keeps >=
+      ``min_train_images`` such rows (2: singletons stay out of metric training);
+    * ``train_full``: not new_whale and the identity has >= ``min_train_images`` images.
 
     Choices depend on the seed and the names only (not on row order), so adding images moves few.
 
@@ -216,10 +218,10 @@ def split_flags(df: pd.DataFrame, unseen_frac: float = 0.1, seed: int = 42) -> t
     val = pd.Series(False, index=out.index)
     val[query_rows.to_numpy()] = True
     pool = known & ~val & ~out["Id"].isin(unseen)
-    local = pool & (pool.groupby(out["Id"]).transform("sum") >= 2)
+    local = pool & (pool.groupby(out["Id"]).transform("sum") >= int(min_train_images))
     out["val"] = val.astype(int)
     out["train_local"] = local.astype(int)
-    out["train_full"] = (known & out["Id"].map(counts).fillna(0).ge(2)).astype(int)
+    out["train_full"] = (known & out["Id"].map(counts).fillna(0).ge(int(min_train_images))).astype(int)
     return out[SPLIT_COLUMNS], unseen
 
 
@@ -249,7 +251,8 @@ def _clean_labelled(labels: pd.DataFrame, csv_path: Path, image_dir: Path, clean
     if kept.empty:
         counts = ", ".join(f"{r} {sum(d['reason'] == r for d in dropped)}" for r in REASONS)
         raise CleaningError(f"{csv_path}: no usable image left after cleaning ({counts})")
-    flags, unseen = split_flags(kept, float(clean_cfg["unseen_frac"]), int(clean_cfg["seed"]))
+    flags, unseen = split_flags(kept, float(clean_cfg["unseen_frac"]), int(clean_cfg["seed"]),
+                                int(clean_cfg["min_train_images"]))
     known = flags[flags["Id"] != NEW_WHALE]
     per_id = known["Id"].value_counts()
     report = {

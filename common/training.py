@@ -389,7 +389,7 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
     if start == 0 and val_df is not None and tcfg["eval_init"]:
         history = [{"epoch": 0, "img_size": phases[0][0], **evaluate(run.model, val_df, phases[0][0], **emb_kw)}]
         _log_epoch(writer, history[0])
-    if start == 0 and tcfg["imprint"]:
+    if start == 0 and tcfg["imprint"] and n_epochs:
         imprint_head(run, phases[0][0], emb_kw["batch_size"], num_workers, seed, progress)
 
     sched = dict(total=n_epochs, warmup=float(tcfg["warmup_epochs"] or 0),
@@ -422,6 +422,11 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
         plot_history(history, out_dir / "curves.png", f"{member['name']}: {tcfg['loss']} on {len(train_df)} images")
         print(f"{member['name']} epoch {epoch + 1}/{n_epochs}: " + ", ".join(
             f"{k} {row[k]:.4f}" for k in ("loss", *METRICS) if k in row) + f" ({row['time_s']}s)")
+    if n_epochs == 0:  # train.epochs: 0 - the starting weights are the result (e.g. a frozen-backbone baseline)
+        history = history or [{"epoch": 0, "img_size": phases[0][0]}]
+        best = {"score": history[0].get(tcfg["metric"], -math.inf), "epoch": 0,
+                "metrics": {k: history[0][k] for k in (*METRICS, "n_queries") if k in history[0]}}
+        _save(run, member, out_dir, history, best, True, sched, phases, init)
     writer.close()
     return {"best": str(out_dir / "best.pt"), "last": str(out_dir / "last.pt"), "metrics": best["metrics"],
             "history": history, "best_epoch": best["epoch"]}

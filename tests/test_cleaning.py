@@ -12,7 +12,7 @@ from common.cleaning import (CleaningError, apply_rules, clean_competition, form
 from common.config import ROOT, load_config
 from common.paths import Paths
 
-CFG = {"min_side": 32, "unseen_frac": 0.0, "seed": 0, "min_val_queries": 20, "threads": 2}
+CFG = {"min_side": 32, "unseen_frac": 0.0, "seed": 0, "min_val_queries": 20, "min_train_images": 2, "threads": 2}
 _rng = np.random.default_rng(0)
 
 
@@ -312,3 +312,12 @@ def test_profiles_have_valid_clean_sections():
     for profile in ("default", "demo", "tiny", "full"):
         clean = load_config(None if profile == "default" else profile)["clean"]
         assert clean["min_side"] >= 1 and 0 <= clean["unseen_frac"] < 1 and clean["threads"] >= 0
+
+
+def test_min_train_images_one_puts_singletons_into_training():
+    t = pd.DataFrame({"Image": list("abcdefg"), "Id": ["w1"] * 3 + ["w2"] * 2 + ["w3", "new_whale"]})
+    two, _ = split_flags(t, unseen_frac=0.0, seed=0)
+    one, _ = split_flags(t, unseen_frac=0.0, seed=0, min_train_images=1)
+    assert two.set_index("Image").loc["f", ["train_local", "train_full"]].tolist() == [0, 0]  # w3: a singleton
+    assert one.set_index("Image").loc["f", ["train_local", "train_full"]].tolist() == [1, 1]
+    assert one.set_index("Image").loc["g", "train_full"] == 0  # new_whale never trains

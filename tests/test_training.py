@@ -165,3 +165,20 @@ def _nearest_centre_accuracy(run, x) -> float:
     with torch.no_grad():
         predicted = run.loss_fn.head.cosine(run.model(x)).argmax(1).numpy()
     return float((predicted == run.labels).mean())
+
+
+def test_zero_epochs_keep_the_starting_weights_as_best(toy, tmp_path):
+    """train.epochs: 0 is a frozen run: best.pt holds the starting weights, scored as epoch 0."""
+    import torch
+
+    from common.models import load_checkpoint
+
+    df, val = toy
+    start = training.fit(tiny_member(epochs=1), df, val, tmp_path / "start", device="cpu", progress=False)
+    result = training.fit(tiny_member(epochs=0), df, val, tmp_path / "zero", device="cpu", progress=False,
+                          init=start["best"])
+    assert result["best_epoch"] == 0 and [h["epoch"] for h in result["history"]] == [0]
+    assert result["metrics"]["map20"] == pytest.approx(start["metrics"]["map20"], abs=1e-6)
+    a, _ = load_checkpoint(start["best"])
+    b, _ = load_checkpoint(tmp_path / "zero" / "best.pt")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

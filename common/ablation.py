@@ -1,0 +1,211 @@
+"""Ablations (``make bench``): what each technique is worth on the competition at hand.
+
+One **baseline** run (``make all`` with the profile) into ``DATA/bench/runs/baseline``, then one run
+per variant: a copy of the baseline's DATA with a few overrides, through the same Makefile, so
+only the stages whose config a variant changes are rerun (``tta.hflip`` reruns 06 alone; a loss
+reruns 03-06). Same seed and budget everywhere. Each row: the final embedding's local-validation
+MAP@20, top-1, hit@20 (image mode) and MAP@5 (ID mode), the same on the withheld truth when RAW
+has one, the training time of the stages it reran and images/s. The baseline's members alone are
+rows too (read from its stage 06 scores), so "each member vs the meta-embedding" costs nothing.
+``--seeds N`` repeats the baseline and the frozen-backbone variant with N seeds and prints
+mean ± spread: validation moves by about ±0.02 MAP@20 between runs, so a gain smaller than the
+spread is noise.
+
+Writes ``DATA/bench/ablation.csv``, ``ablation.md`` and ``ablation.png`` (bars).
+    python -m common.ablation --raw RAW --data DATA [--config ...] [--variants a,b] [--seeds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ROOT, default_config, load_config
+from .io import read_json, save_figure, write_csv, write_text
+from .paths import Paths
+
+
+@dataclass
+class Variant:
+    what: str
+    sets: list[str] = field(default_factory=list)
+
+    def requires(self) -> list[str]:
+        """Config keys the variant sets (each must exist in default.yaml)."""
+        return [s.split("=", 1)[0] for s in self.sets]
+
+
+def variants(cfg: dict) -> dict[str, Variant]:
+    """Every ablation, by name, for the resolved config ``cfg`` (resolutions relative to its model)."""
+    size = cfg["model"]["img_size"]
+    size = size if isinstance(size, int) else max(size)
+    low, high = max(32, int(round(size * 0.75 / 32)) * 32), int(round(size * 1.25 / 32)) * 32
+    return {
+        "frozen": Variant("frozen ImageNet backbone, no training", ["train.epochs=0", "pseudo.enabled=false"]),
+        "softmax": Variant("plain (normalised) softmax classifier: no margin", ["train.loss=cosface", "train.cosface_m=0.0"]),
+        "triplet": Variant("batch-hard triplet only", ["train.loss=triplet"]),
+        "arcface": Variant("ArcFace only", ["train.loss=arcface"]),
+        "subcenter": Variant("sub-centre ArcFace", ["train.loss=subcenter"]),
+        "cosface": Variant("CosFace", ["train.loss=cosface"]),
+        "with_singletons": Variant("singleton identities in metric training", ["clean.min_train_images=1"]),
+        "full_photos": Variant("full photos instead of crops", ["model.use_crops=false"]),
+        "no_pretrain": Variant("ImageNet start instead of stage 03", ["model.from_pretrain_stage=false"]),
+        f"size_{low}": Variant(f"{low} px instead of {size}", [f"model.img_size={low}", "train.progressive=null"]),
+        f"size_{high}": Variant(f"{high} px instead of {size}", [f"model.img_size={high}", "train.progressive=null"]),
+        "no_flip_tta": Variant("without flip TTA", ["tta.hflip=false"]),
+        "no_pseudo": Variant("without pseudo-labels", ["pseudo.enabled=false"]),
+        "no_rerank": Variant("global embedding only, no local-feature re-ranking", ["rerank.enabled=false"]),
+    }
+
+
+def _known(key: str) -> bool:
+    node = default_config()
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def run_make(raw: Path, data: Path, config: str, sets: list[str]) -> float:
+    cmd = ["make", "--no-print-directory", "all", f"RAW={raw}", f"DATA={data}", f"CONFIG={config}"]
+    if sets:
+        cmd.append("SET=" + " ".join(sets))
+    print("$", " ".join(cmd), flush=True)
+    t = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    return time.time() - t
+
+
+def row_of(name: str, what: str, data: Path, raw: Path, wall: float | None, embedding: str | None = None) -> dict:
+    """One table row from a finished run's stage 04 summary and stage 06 scores."""
+    paths = Paths(raw, data)
+    scores = read_json(paths.scores_json)
+    fused = f"{scores['final']}+fused"  # with local-feature re-ranking, the submission's ranking
+    emb = embedding or (fused if fused in scores["scores"] else scores["final"])
+    s = scores["scores"][emb]
+    row = {"variant": name, "what": what, "embedding": emb}
+    for part, keys in (("val", ("map20", "top1", "hit20", "map5")), ("test", ("map20", "top1", "hit20", "map5_nw"))):
+        for k in keys:
+            row[f"{part}_{k}"] = (s.get(part) or {}).get(k)
+    members = (read_json(paths.members_summary) if paths.members_summary.exists() else {}).get("members", {})
+    secs = sum(h.get("time_s") or 0 for m in members.values() for h in m.get("history", []))
+    imgs = sum(m.get("n_images", 0) * sum(1 for h in m.get("history", []) if h.get("epoch", 0) > 0)
+               for m in members.values())
+    row["train_s"] = round(secs, 1)
+    row["images_per_s"] = round(imgs / secs, 2) if secs else None
+    row["wall_s"] = None if wall is None else round(wall, 1)
+    return row
+
+
+def summarise(rows: list[dict], metric: str = "val_map20") -> list[dict]:
+    """Mean ± spread (sample standard deviation) of ``metric`` per variant over its seed rows.
+
+    >>> summarise([{"variant": "a", "val_map20": 0.5}, {"variant": "a", "val_map20": 0.7}, {"variant": "b", "val_map20": 0.1}])
+    [{'variant': 'a', 'n': 2, 'mean': 0.6, 'spread': 0.1414}, {'variant': 'b', 'n': 1, 'mean': 0.1, 'spread': None}]
+    """
+    out = []
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        vals = [r[metric] for r in rows if r["variant"] == name and r.get(metric) is not None]
+        out.append({"variant": name, "n": len(vals), "mean": round(statistics.mean(vals), 4) if vals else None,
+                    "spread": round(statistics.stdev(vals), 4) if len(vals) > 1 else None})
+    return out
+
+
+def markdown(rows: list[dict], columns: list[str]) -> str:
+    def cell(v):
+        return "" if v is None else f"{v:.4f}" if isinstance(v, float) and abs(v) < 10 else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows]) + "\n"
+
+
+def bar_chart(rows: list[dict], dest: Path, metric: str = "val_map20") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [f"{r['variant']} ({r['embedding']})" if r["variant"].startswith("member") else r["variant"] for r in rows]
+    vals = [r.get(metric) or 0 for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
+    ax.barh(names[::-1], vals[::-1], color=["#d9822b" if n == "baseline" else "#4477aa" for n in names[::-1]])
+    for y, v in enumerate(vals[::-1]):
+        ax.text(v, y, f" {v:.3f}", va="center", fontsize=8)
+    ax.set_xlabel(metric.replace("_", " "))
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, dest)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--raw", default="data/raw")
+    ap.add_argument("--data", default="data", help="results go to DATA/bench/")
+    ap.add_argument("--config", default="configs/demo.yaml")
+    ap.add_argument("--set", action="append", default=[], help="override for every run (baseline included)")
+    ap.add_argument("--variants", default="all", help="comma-separated names, or all (default); 'none' = baseline only")
+    ap.add_argument("--seeds", type=int, default=1, help="repeat baseline and frozen with this many seeds")
+    ap.add_argument("--list", action="store_true", help="print the variants and exit")
+    args = ap.parse_args(argv)
+    raw, bench = Path(args.raw), Paths(args.raw, args.data).bench_dir
+    table = variants(load_config(args.config, args.set))
+    if args.list:
+        for n, v in table.items():
+            print(f"{n:16s} {v.what}  [{' '.join(v.sets)}]")
+        return 0
+    chosen = list(table) if args.variants == "all" else [] if args.variants == "none" else args.variants.split(",")
+    unknown = [n for n in chosen if n not in table]
+    if unknown:
+        print(f"error: unknown variant(s) {', '.join(unknown)}; known: {', '.join(table)}", file=sys.stderr)
+        return 2
+    runs, rows = bench / "runs", []
+    base = runs / "baseline"
+    wall = run_make(raw, base, args.config, args.set)
+    rows.append(row_of("baseline", "the profile as configured", base, raw, wall))
+    scores = read_json(Paths(raw, base).scores_json)["scores"]
+    rows += [row_of(f"member:{n}", "one member alone", base, raw, None, n) for n in scores if "+" not in n
+             and n != rows[0]["embedding"]]
+    for name in chosen:
+        v = table[name]
+        missing = [k for k in v.requires() if not _known(k)]
+        if missing:
+            print(f"skipping {name}: this version has no {', '.join(missing)}")
+            continue
+        dest = runs / name
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(base, dest, ignore=shutil.ignore_patterns("embeddings", "report", "tb"))
+        rows.append(row_of(name, v.what, dest, raw, run_make(raw, dest, args.config, args.set + v.sets)))
+    seeded = []
+    for seed in range(1, args.seeds):
+        for name, sets in (("baseline", []), ("frozen", table["frozen"].sets)):
+            if name != "baseline" and (name not in chosen or not all(_known(k) for k in table[name].requires())):
+                continue
+            dest = runs / f"{name}_seed{seed}"
+            shutil.rmtree(dest, ignore_errors=True)
+            w = run_make(raw, dest, args.config, args.set + sets + [f"seed={seed}", f"clean.seed={seed}"])
+            seeded.append(row_of(name, f"seed {seed}", dest, raw, w))
+    cols = ["variant", "what", "embedding", "val_map20", "val_top1", "val_hit20", "val_map5", "test_map20", "test_top1",
+            "test_hit20", "test_map5_nw", "train_s", "images_per_s", "wall_s"]
+    cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
+    import pandas as pd
+
+    write_csv(bench / "ablation.csv", pd.DataFrame(rows + seeded, columns=cols))
+    text = (f"`{' '.join(sys.argv if argv is None else ['python -m common.ablation', *argv])}` "
+            f"({time.strftime('%Y-%m-%d %H:%M')}, RAW {raw})\n\n" + markdown(rows, cols))
+    if seeded:
+        main_rows = [r for r in rows + seeded if r["variant"] in ("baseline", "frozen")]
+        text += "\nOver seeds (local validation MAP@20):\n\n" + markdown(summarise(main_rows), ["variant", "n", "mean", "spread"])
+    write_text(bench / "ablation.md", text)
+    bar_chart(rows, bench / "ablation.png")
+    print(text + f"\nwrote {bench / 'ablation.csv'}, {bench / 'ablation.md'}, {bench / 'ablation.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

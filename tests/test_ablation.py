@@ -1,0 +1,32 @@
+"""The ablation harness on the tiny competition with one cheap variant (only stage 06 reruns):
+the table's rows and columns, not its figures."""
+import pandas as pd
+
+from common import ablation
+from common.config import load_config
+
+
+def test_every_variant_sets_only_known_keys():
+    table = ablation.variants(load_config("demo"))
+    assert {"frozen", "triplet", "arcface", "subcenter", "cosface", "softmax", "with_singletons", "full_photos",
+            "no_pretrain", "no_flip_tta", "no_pseudo"} <= set(table)
+    for name, v in table.items():
+        if name != "no_rerank":  # needs the re-ranking feature
+            assert all(ablation._known(k) for k in v.requires()), name
+    load_config("demo", table["frozen"].sets + table["size_96"].sets)  # valid overrides
+
+
+def test_harness_on_the_tiny_competition(tmp_path):
+    from common.demo_data import generate
+
+    raw, data = tmp_path / "raw", tmp_path / "data"
+    generate(raw, load_config("tiny")["demo"], progress=False)
+    assert ablation.main(["--raw", str(raw), "--data", str(data), "--config", "configs/tiny.yaml",
+                          "--variants", "no_flip_tta"]) == 0
+    df = pd.read_csv(data / "bench" / "ablation.csv")
+    assert df["variant"].tolist() == ["baseline", "member:lite0_64", "member:lite0_64_do", "no_flip_tta"]
+    assert {"val_map20", "val_top1", "val_hit20", "val_map5", "test_map20", "test_top1", "train_s", "images_per_s"} <= set(df)
+    assert df["val_map20"].between(0, 1).all() and df.loc[0, "train_s"] > 0
+    assert df.loc[3, "train_s"] == df.loc[0, "train_s"], "tta.hflip reruns stage 06 only: same training"
+    assert (data / "bench" / "ablation.png").stat().st_size > 1000
+    assert "| variant | what |" in (data / "bench" / "ablation.md").read_text()
