@@ -12,6 +12,8 @@ A retrain that lowers the validation score of its starting model is set aside
 (best_rejected.pt) unless pseudo.keep_worse, so stage 06 keeps the better model.
 Writes pseudo/pseudo_labels.csv (Image,Id,score,margin), pseudo/report.json and report.png
 (counts, precision estimated on validation and, on the demo, against the withheld truth),
+With rerank.enabled the confidence is the fused probability (embedding + local-feature matching,
+calibrated on local validation, pseudo/rerank_calibration.json) instead of the cosine.
 pseudo/models/<member>/ (read by stage 06). --model NAME retrains only that member.
 """
 import shutil
@@ -55,6 +57,8 @@ def run(cfg, paths, names, chosen) -> dict:
     from common.config import member_config
     from common.embedding_store import embed_members
     from common.io import write_csv
+    from common.io import write_json
+    from common.rerank import fused_ranker
     from common.pseudo import candidate_rows, label_precision, label_test_images, plot_report, training_rows
     from common.retrieval import meta_embedding
     from common.tables import clean_frame, train_frame, truth_frame, val_frame
@@ -69,7 +73,11 @@ def run(cfg, paths, names, chosen) -> dict:
         table, embs = embed_members(cfg, paths, names, paths.member_ckpt if r == 0 else paths.final_ckpt)
         emb = meta_embedding([embs[n] for n in names])  # equal weights: `ensemble:` is stage 06's alone
         max_count = int(float(p.get("max_share", 0.5)) * int((clean["Id"] != "new_whale").sum()))
-        labels, info, curve, best = label_test_images(emb, table, cand, p, max_count)
+        nearest = None
+        if cfg["rerank"]["enabled"]:  # confidence = fused probability of embedding + local matching
+            nearest, cal, _ = fused_ranker(cfg, paths, table, emb)
+            write_json(paths.pseudo_calibration, cal.to_dict())
+        labels, info, curve, best = label_test_images(emb, table, cand, p, max_count, nearest)
         info["truth_precision"] = label_precision(labels, truth)
         write_csv(paths.pseudo_csv, labels)
         plot_report(curve, best, info["threshold"], paths.pseudo_png,

@@ -37,8 +37,9 @@ STAGE_SECTIONS = {
     "02": ["device", "detector", "crop"],
     "03": ["seed", "device", "deterministic", "num_workers", "model", "train", "augment", "pretrain", "members"],
     "04": ["seed", "device", "deterministic", "num_workers", "model", "train", "augment", "members"],
-    "05": ["seed", "device", "deterministic", "num_workers", "model", "train", "augment", "members", "pseudo", "tta"],
-    "06": ["device", "num_workers", "model", "members", "ensemble", "search", "tta"],
+    "05": ["seed", "device", "deterministic", "num_workers", "model", "train", "augment", "members", "pseudo", "tta",
+           "rerank"],
+    "06": ["device", "num_workers", "model", "members", "ensemble", "search", "tta", "rerank"],
 }
 
 

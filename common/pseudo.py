@@ -120,22 +120,26 @@ def training_rows(train_df: pd.DataFrame, labels: pd.DataFrame, clean: pd.DataFr
     return pd.concat([train_df[["Image", "Id", "path"]], extra, pseudo], ignore_index=True)
 
 
-def label_test_images(emb, table: pd.DataFrame, candidates: pd.Series, pcfg: dict, max_count: int | None = None):
+def label_test_images(emb, table: pd.DataFrame, candidates: pd.Series, pcfg: dict, max_count: int | None = None,
+                      nearest=None):
     """One labelling pass over the database embedding ``emb`` (rows of ``table``, train rows in
     clean/train.csv order). Returns ``(labels, info, curve, test_best_sims)``; ``info`` holds the
-    threshold used and the precision/count it gives on the validation queries."""
+    threshold used and the precision/count it gives on the validation queries. ``nearest(q_rows,
+    db_rows)`` -> ``(ids, scores)`` replaces the cosine ranking (e.g. the fused probability of
+    :func:`common.rerank.fused_ranker`); threshold and margin then apply to its scores."""
     train = np.flatnonzero((table["split"] == "train").to_numpy())
     test = np.flatnonzero((table["split"] == "test").to_numpy())
     ids = table["Id"].to_numpy(object)
     db = train[np.asarray(candidates, dtype=bool)]
     val = train[table["is_query"].to_numpy()[train].astype(bool)]
     margin = float(pcfg.get("margin", 0.0))
-    vids, vsims = nearest_identities(emb[val], emb[db], ids[db]) if len(val) else (np.zeros((0, 2), object), np.zeros((0, 2)))
+    near = nearest or (lambda q, d: nearest_identities(emb[q], emb[d], ids[d]))
+    vids, vsims = near(val, db) if len(val) else (np.zeros((0, 2), object), np.zeros((0, 2)))
     curve = precision_curve(vids, vsims, ids[val], margin)
     thr = pcfg.get("threshold", "auto")
     thr = calibrate_threshold(curve, float(pcfg.get("target_precision", 0.9))) if thr == "auto" else float(thr)
     at = curve[curve["threshold"] >= thr]
-    tids, tsims = nearest_identities(emb[test], emb[db], ids[db])
+    tids, tsims = near(test, db)
     labels = assign(table["Image"].to_numpy(object)[test], tids, tsims, thr, margin, max_count)
     info = {"threshold": round(thr, 5), "margin": margin, "n_val_queries": int(len(val)),
             "val_labelled": int(len(at)), "val_precision": float(at["precision"].iloc[-1]) if len(at) else None,

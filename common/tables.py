@@ -58,3 +58,23 @@ def truth_frame(paths: Paths) -> pd.DataFrame | None:
     if not paths.truth_csv.exists():
         return None
     return pd.read_csv(paths.truth_csv, dtype=str, keep_default_na=False)
+
+
+def encounters(paths: Paths, table: pd.DataFrame) -> list[str]:
+    """Encounter label per row of a database table (split, Image): the optional ``encounter``
+    column of RAW/train.csv for train rows, RAW/test_encounters.csv (Image,encounter) for test
+    rows; '' where unknown. Photos of one encounter (one sighting, minutes apart) share their
+    background, so local validation never lets one count as another's match."""
+    def read(path, what):
+        if not path.exists():
+            return {}
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df.columns = [str(c).strip() for c in df.columns]
+        if "encounter" not in df.columns:
+            return {}
+        if "Image" not in df.columns:
+            raise ValueError(f"{path}: an encounter column needs an Image column ({what})")
+        return dict(zip(df["Image"].str.strip(), df["encounter"].str.strip()))
+
+    train, test = read(paths.raw_train_csv, "train"), read(paths.test_encounters_csv, "test")
+    return [(train if s == "train" else test).get(n, "") for s, n in zip(table["split"], table["Image"])]
