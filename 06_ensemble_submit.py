@@ -11,6 +11,10 @@ meta-embedding L2n(concat(w_i * L2n(e_i))) (weights: `ensemble:`), searches it w
                                  search.new_whale_untuned when validation has no queries)
   submission/scores.json         local scores of each member and the ensemble (+ demo test truth)
   submission/gallery.png         queries and their top matches, green = same whale
+With rerank.enabled, every test and validation shortlist (top rerank.shortlist) is re-ranked by
+local-feature matching fused with the embedding (common/rerank.py): the scores table adds
+<final>+local (local only) and <final>+fused rows; the ID-mode threshold is tuned on the fused
+probability; rerank/ holds the calibration, reliability.png and matches.png.
 Predict after the pipeline ran (crops with the detector when there is one):
   python 06_ensemble_submit.py --predict a.jpg b.jpg [--top-k 20] [--out matches.csv]
 """
@@ -33,7 +37,8 @@ def main() -> int:
     from common.gallery import retrieval_gallery
     from common.io import write_json
     from common.retrieval import meta_embedding
-    from common.tables import truth_frame
+    from common.submission import write_submissions
+    from common.tables import encounters, truth_frame
 
     if args.predict:
         from common.predict import predict
@@ -48,39 +53,32 @@ def main() -> int:
         embs["ensemble"] = meta_embedding([embs[n] for n in names], [weights[n] for n in names])
     final = "ensemble" if len(names) > 1 else names[0]
     s, truth = cfg["search"], truth_frame(paths)
+    table["encounter"] = encounters(paths, table)
     kw = dict(index=s["index"], nlist=s["ivf_nlist"], nprobe=s["ivf_nprobe"], gpu=s["gpu"])
     scores = {n: local_scores(e, table, truth, s["k"], s["new_whale_threshold"], s["new_whale_untuned"], **kw)
               for n, e in embs.items()}
+    rr = rerank(cfg, paths, table, embs[final], truth, final, kw) if cfg["rerank"]["enabled"] else None
+    scores.update(rr["scores"] if rr else {})
     print(format_scores(scores))
 
-    report = write_submissions(paths, table, embs[final], scores[final]["val"]["new_whale_threshold"], s, kw)
+    thr = rr["threshold"] if rr else scores[final]["val"]["new_whale_threshold"]
+    report = write_submissions(paths, table, embs[final], thr, s, kw, rr)
     retrieval_gallery(embs[final], table, paths.gallery_png, truth, s["gallery_queries"], s["gallery_k"], **kw)
-    write_json(paths.scores_json, {"final": final, "weights": weights, "scores": scores, **report})
-    print(f"wrote {paths.submission_csv}, {paths.submission_ids_csv}, {paths.scores_json}, {paths.gallery_png}")
+    extra = {"rerank": {"weight": rr["calibration"].weight, "new_whale_threshold": thr}} if rr else {}
+    write_json(paths.scores_json, {"final": final, "weights": weights, "scores": scores, **report, **extra})
+    print(f"wrote {paths.submission_csv}, {paths.submission_ids_csv}, {paths.scores_json}, {paths.gallery_png}"
+          + (f", {paths.rerank_dir}/" if rr else ""))
     return 0
 
 
-def write_submissions(paths, table, emb, threshold: float, s: dict, kw: dict) -> dict:
-    """Both submission files (validated before writing). Raw test images that stage 00 could not
-    read get filler rows: the most often returned database images, new_whale first."""
-    from common.tables import submission_images
-    from common.evaluation import frequent_ids, predict_test_ids, search_test_images
-    from common.submission import (fill_rows, id_frame, image_rows, pad_ids, write_id_submission,
-                                   write_image_submission)
+def rerank(cfg, paths, table, emb, truth, final, kw) -> dict:
+    """Local-feature re-ranking of the final embedding's shortlists (common/rerank.py)."""
+    from common.evaluation import frequent_ids, table_groups
+    from common.rerank import run
 
-    tests = table.loc[table["split"] == "test", "Image"].tolist()
-    every, missing = submission_images(paths)  # stage 00 names the test images it could not read
-    _, idx = search_test_images(emb, table, s["k"], **kw)
-    rows = image_rows(tests, idx, table["Image"])
-    rows += fill_rows(missing, rows, table["Image"], s["k"])
-    write_image_submission(paths.submission_csv, rows, every, table["Image"], s["k"])
-    preds = predict_test_ids(emb, table, threshold, s["id_k"], **kw)
-    preds += [pad_ids([], ["new_whale", *frequent_ids(table)], s["id_k"]) for _ in missing]
-    write_id_submission(paths.submission_ids_csv, id_frame(tests + missing, preds), every, s["id_k"])
-    n_nw = sum(p[0] == "new_whale" for p in preds)
-    print(f"{len(rows)} test rows ({len(missing)} unreadable test images got filler rows{': ' if missing else ''}"
-          f"{', '.join(missing[:5])}); new_whale first in {n_nw} ID rows (threshold {threshold:.3f})")
-    return {"new_whale_threshold": threshold, "filled_rows": missing, "new_whale_first": n_nw}
+    out = run(cfg, paths, table, emb, truth, frequent_ids(table), table_groups(table), kw, final)
+    out["scores"] = {f"{final}+{v}": out["scores"][v] for v in ("local", "fused")}
+    return out
 
 
 if __name__ == "__main__":

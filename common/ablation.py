@@ -6,7 +6,8 @@ only the stages whose config a variant changes are rerun (``tta.hflip`` reruns 0
 reruns 03-06). Same seed and budget everywhere. Each row: the final embedding's local-validation
 MAP@20, top-1, hit@20 (image mode) and MAP@5 (ID mode), the same on the withheld truth when RAW
 has one, the training time of the stages it reran and images/s. The baseline's members alone are
-rows too (read from its stage 06 scores), so "each member vs the meta-embedding" costs nothing.
+rows too (read from its stage 06 scores), so "each member vs the meta-embedding" and "global only vs
+with local-feature re-ranking" cost nothing.
 ``--seeds N`` repeats the baseline and the frozen-backbone variant with N seeds and prints
 mean ± spread: validation moves by about ±0.02 MAP@20 between runs, so a gain smaller than the
 spread is noise.
@@ -131,7 +132,7 @@ def bar_chart(rows: list[dict], dest: Path, metric: str = "val_map20") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [f"{r['variant']} ({r['embedding']})" if r["variant"].startswith("member") else r["variant"] for r in rows]
+    names = [r["variant"] for r in rows]
     vals = [r.get(metric) or 0 for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.2))
     ax.barh(names[::-1], vals[::-1], color=["#d9822b" if n == "baseline" else "#4477aa" for n in names[::-1]])
@@ -169,8 +170,11 @@ def main(argv=None) -> int:
     wall = run_make(raw, base, args.config, args.set)
     rows.append(row_of("baseline", "the profile as configured", base, raw, wall))
     scores = read_json(Paths(raw, base).scores_json)["scores"]
-    rows += [row_of(f"member:{n}", "one member alone", base, raw, None, n) for n in scores if "+" not in n
-             and n != rows[0]["embedding"]]
+    for n in scores:  # the baseline's other rankings: each member alone, and with re-ranking the
+        if n != rows[0]["embedding"]:  # meta-embedding alone (global only) and local matching alone
+            what = ("local-feature score only" if n.endswith("+local") else "meta-embedding, no re-ranking"
+                    if n == read_json(Paths(raw, base).scores_json)["final"] else "one member alone")
+            rows.append(row_of(f"embedding:{n}", what, base, raw, None, n))
     for name in chosen:
         v = table[name]
         missing = [k for k in v.requires() if not _known(k)]

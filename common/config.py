@@ -40,8 +40,9 @@ STAGE_SECTIONS = {
     "02": ["device", "detector", "crop"],
     "03": ["seed", "device", "deterministic", "num_workers", "model", "train", "augment", "pretrain", "members"],
     "04": ["seed", "device", "deterministic", "num_workers", "model", "train", "augment", "members"],
-    "05": ["seed", "device", "deterministic", "num_workers", "model", "train", "augment", "members", "pseudo", "tta"],
-    "06": ["device", "num_workers", "model", "members", "ensemble", "search", "tta"],
+    "05": ["seed", "device", "deterministic", "num_workers", "model", "train", "augment", "members", "pseudo", "tta",
+           "rerank"],
+    "06": ["device", "num_workers", "model", "members", "ensemble", "search", "tta", "rerank"],
 }
 
 
@@ -328,6 +329,16 @@ def parse_stage_args(description: str | None, argv=None, extra=None):
     except DataDirError as e:
         ap.exit(1, f"error: {e}\n")
     prepare_environment(cfg, paths)
+    hub = sorted({m["model"]["backbone"] for m in map(lambda n: member_config(cfg, n), member_names(cfg))
+                  if str(m["model"]["pretrained"]) == "hub"})
+    if hub:  # first seconds of the first stage, not minutes of download retries in stage 03
+        from .weights import WeightsError, check_hub
+
+        try:
+            for name in hub:
+                check_hub(name)
+        except WeightsError as e:
+            ap.exit(1, f"error: {e}\n")
     return cfg, paths, args
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .metrics import NEW_WHALE, count_relevant, image_scores, kaggle_map5, relevance
-from .retrieval import evaluate_search, id_search_depth, l2_normalize, rank_identities, search
+from .metrics import NEW_WHALE, image_scores, kaggle_map5, relevance
+from .retrieval import evaluate_search, id_search_depth, l2_normalize, rank_identities, relevant_counts, search
 from .submission import id_truth, insert_new_whale, pad_ids, tune_new_whale_threshold
 
 ID_N = 5
@@ -26,6 +26,15 @@ ID_N = 5
 def _split(table: pd.DataFrame):
     tr = (table["split"] == "train").to_numpy()
     return np.flatnonzero(tr), np.flatnonzero(~tr)
+
+
+def table_groups(table: pd.DataFrame) -> np.ndarray | None:
+    """Encounter label per table row ('' = none), or None when the table has no encounters
+    (then every search and score is exactly the ungrouped one)."""
+    if "encounter" not in table.columns:
+        return None
+    g = table["encounter"].fillna("").astype(str).to_numpy(object)
+    return g if (g != "").any() else None
 
 
 def frequent_ids(table: pd.DataFrame) -> list[str]:
@@ -44,10 +53,13 @@ def val_scores(emb, table: pd.DataFrame, k: int = 20, threshold: float | None = 
         source = "config" if threshold is not None else "untuned"
         return {"n_queries": 0, "new_whale_threshold": float(untuned if threshold is None else threshold),
                 "threshold_source": source}
-    scores, idx = search(e, e[q], max(k, id_search_depth(k, len(e))), exclude=q, gpu=False)
-    out = evaluate_search(scores, idx, ids[q], ids, k=k)
+    g = table_groups(table)
+    groups = None if g is None else (g[tr][q], g[tr])  # same-encounter photos never count nor fill a list
+    scores, idx = search(e, e[q], max(k, id_search_depth(k, len(e))), exclude=q, gpu=False, groups=groups)
+    n_rel = relevant_counts(ids[q], ids, True, groups)
+    out = evaluate_search(scores, idx, ids[q], ids, k=k, n_relevant=n_rel)
     pred_ids, sims = rank_identities(scores, idx, ids, n=ID_N)
-    truth = [t if c > 0 else NEW_WHALE for t, c in zip(ids[q], count_relevant(ids[q], ids))]
+    truth = [t if c > 0 else NEW_WHALE for t, c in zip(ids[q], n_rel)]
     tuned, _, _ = tune_new_whale_threshold(pred_ids, sims, truth, n=ID_N)
     thr = tuned if threshold is None else float(threshold)
     out["map5_nw"] = kaggle_map5([insert_new_whale(i, s, thr, ID_N) for i, s in zip(pred_ids, sims)], truth)
@@ -56,11 +68,12 @@ def val_scores(emb, table: pd.DataFrame, k: int = 20, threshold: float | None = 
     return out
 
 
-def search_test_images(emb, table: pd.DataFrame, k: int = 20, **search_kw):
-    """Top-k of every test image over the whole database (train + test), itself excluded."""
+def search_test_images(emb, table: pd.DataFrame, k: int = 20, grouped: bool = False, **search_kw):
+    """Top-k of every test image over the whole database (train + test), itself excluded; with
+    ``grouped`` (scoring against the withheld truth) its own encounter's images excluded too."""
     _, te = _split(table)
-    emb = l2_normalize(emb)
-    return search(emb, emb[te], k, exclude=te, **search_kw)
+    emb, g = l2_normalize(emb), table_groups(table) if grouped else None
+    return search(emb, emb[te], k, exclude=te, groups=None if g is None else (g[te], g), **search_kw)
 
 
 def predict_test_ids(emb, table: pd.DataFrame, threshold: float, n: int = ID_N, **search_kw) -> list[list[str]]:
@@ -81,9 +94,10 @@ def score_test(emb, table: pd.DataFrame, truth: pd.DataFrame, threshold: float, 
     test_ids = np.array([t.get(n, NEW_WHALE) for n in table["Image"].to_numpy(object)[te]], dtype=object)
     all_ids = table["Id"].to_numpy(object).copy()
     all_ids[te] = test_ids
-    scores, idx = search_test_images(emb, table, k, **search_kw)
+    scores, idx = search_test_images(emb, table, k, grouped=True, **search_kw)
     hits = relevance(test_ids, all_ids, idx)
-    out = image_scores(hits, count_relevant(test_ids, all_ids), k)
+    g = table_groups(table)
+    out = image_scores(hits, relevant_counts(test_ids, all_ids, True, None if g is None else (g[te], g)), k)
     preds = predict_test_ids(emb, table, threshold, ID_N, **search_kw)
     out["map5_nw"] = kaggle_map5(preds, id_truth(test_ids, set(all_ids[tr])))
     return out

@@ -104,6 +104,7 @@ def build_model(model_cfg: dict) -> EmbeddingNet:
     if float(cfg["drop_path"] or 0.0) > 0:
         kwargs["drop_path_rate"] = float(cfg["drop_path"])
     if kind == "hub":
+        weights.check_hub(name)  # seconds, not minutes of retries, when the hub is out of reach
         try:
             backbone = timm.create_model(name, pretrained=True, **kwargs)
         except Exception as e:  # noqa: BLE001 - hub/network failures come in many types

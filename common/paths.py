@@ -8,6 +8,8 @@ Raw competition (read-only, Kaggle Humpback layout)::
     RAW/pretrain/train.csv   optional related dataset, same layout
     RAW/pretrain/train/
     RAW/.truth/test.csv      optional withheld test truth (Image,Id), demo competition only
+    RAW/test_encounters.csv  optional Image,encounter of test photos (train.csv may carry an
+                             `encounter` column): photos of one sighting
 
 Artifacts (DATA, default ``data/``): one folder per stage, see the properties below.
 No stage spells a path itself; everything goes through :class:`Paths`.
@@ -47,6 +49,11 @@ class Paths:
     @property
     def truth_csv(self) -> Path:
         return self.raw / ".truth" / "test.csv"
+
+    @property
+    def test_encounters_csv(self) -> Path:
+        """Optional test-side encounter mapping (Image,encounter)."""
+        return self.raw / "test_encounters.csv"
 
     def raw_dir(self, split: str) -> Path:
         """Folder of raw images for split 'train', 'test' or 'pretrain'."""
@@ -261,6 +268,41 @@ class Paths:
     def ablation_md(self) -> Path:
         """The latest ablation table of `make bench` (Markdown)."""
         return self.bench_dir / "ablation.md"
+
+    # ---- 06 local-feature re-ranking (common/rerank.py) ---------------------------------
+    @property
+    def rerank_dir(self) -> Path:
+        return self.data / "rerank"
+
+    @property
+    def features_dir(self) -> Path:
+        """Cached SIFT/RootSIFT features, one .npz per image (``<split>/<Image>.npz``)."""
+        return self.rerank_dir / "features"
+
+    @property
+    def rerank_calibration(self) -> Path:
+        """Isotonic calibrations of cosine and inlier count, fusion weight, ID-mode threshold (JSON)."""
+        return self.rerank_dir / "calibration.json"
+
+    @property
+    def rerank_report(self) -> Path:
+        """Fusion-weight grid, timings, pair counts of the last stage 06 run."""
+        return self.rerank_dir / "report.json"
+
+    @property
+    def reliability_png(self) -> Path:
+        """Calibrated probability vs observed share of same-individual pairs (validation)."""
+        return self.rerank_dir / "reliability.png"
+
+    @property
+    def matches_png(self) -> Path:
+        """Inlier matches drawn between sample validation queries and their best candidate."""
+        return self.rerank_dir / "matches.png"
+
+    @property
+    def pseudo_calibration(self) -> Path:
+        """Stage 05's own calibration (fitted on the stage 04 meta-embedding)."""
+        return self.pseudo_dir / "rerank_calibration.json"
 
     # ---- tool state kept inside the project ------------------------------------------
     @property

@@ -121,22 +121,26 @@ def training_rows(train_df: pd.DataFrame, labels: pd.DataFrame, clean: pd.DataFr
     return pd.concat([train_df[["Image", "Id", "path"]], extra, pseudo], ignore_index=True)
 
 
-def label_test_images(emb, table: pd.DataFrame, candidates: pd.Series, pcfg: dict, max_count: int | None = None):
+def label_test_images(emb, table: pd.DataFrame, candidates: pd.Series, pcfg: dict, max_count: int | None = None,
+                      nearest=None):
     """One labelling pass over the database embedding ``emb`` (rows of ``table``, train rows in
     clean/train.csv order). Returns ``(labels, info, curve, test_best_sims)``; ``info`` holds the
-    threshold used and the precision/count it gives on the validation queries."""
+    threshold used and the precision/count it gives on the validation queries. ``nearest(q_rows,
+    db_rows)`` -> ``(ids, scores)`` replaces the cosine ranking (e.g. the fused probability of
+    :func:`common.rerank.fused_ranker`); threshold and margin then apply to its scores."""
     train = np.flatnonzero((table["split"] == "train").to_numpy())
     test = np.flatnonzero((table["split"] == "test").to_numpy())
     ids = table["Id"].to_numpy(object)
     db = train[np.asarray(candidates, dtype=bool)]
     val = train[table["is_query"].to_numpy()[train].astype(bool)]
     margin = float(pcfg["margin"])
-    vids, vsims = nearest_identities(emb[val], emb[db], ids[db]) if len(val) else (np.zeros((0, 2), object), np.zeros((0, 2)))
+    near = nearest or (lambda q, d: nearest_identities(emb[q], emb[d], ids[d]))
+    vids, vsims = near(val, db) if len(val) else (np.zeros((0, 2), object), np.zeros((0, 2)))
     curve = precision_curve(vids, vsims, ids[val], margin)
     thr = pcfg["threshold"]
     thr = calibrate_threshold(curve, float(pcfg["target_precision"])) if thr == "auto" else float(thr)
     at = curve[curve["threshold"] >= thr]
-    tids, tsims = nearest_identities(emb[test], emb[db], ids[db])
+    tids, tsims = near(test, db)
     labels = assign(table["Image"].to_numpy(object)[test], tids, tsims, thr, margin, max_count)
     info = {"threshold": round(thr, 5), "margin": margin, "n_val_queries": int(len(val)),
             "val_labelled": int(len(at)), "val_precision": float(at["precision"].iloc[-1]) if len(at) else None,
@@ -207,7 +211,7 @@ def run_rounds(cfg: dict, paths, names: list[str], chosen: list[str], start: dic
     ``checkpoints`` (member -> checkpoint) is what stage 06 uses."""
     from .config import member_config
     from .embedding_store import embed_members
-    from .io import write_csv
+    from .io import write_csv, write_json
     from .retrieval import meta_embedding
     from .tables import clean_frame, train_frame, truth_frame, val_frame
 
@@ -224,7 +228,13 @@ def run_rounds(cfg: dict, paths, names: list[str], chosen: list[str], start: dic
     for r in range(1, int(p["rounds"]) + 1):
         table, embs = embed_fn(cfg, paths, names, lambda n: current[n])
         emb = meta_embedding([embs[n] for n in names])  # equal weights: `ensemble:` is stage 06's alone
-        labels, info, curve, best = label_test_images(emb, table, cand, p, max_count)
+        nearest = None
+        if cfg["rerank"]["enabled"]:  # confidence = fused probability of embedding + local matching
+            from .rerank import fused_ranker
+
+            nearest, cal, _ = fused_ranker(cfg, paths, table, emb)
+            write_json(paths.pseudo_calibration, cal.to_dict())
+        labels, info, curve, best = label_test_images(emb, table, cand, p, max_count, nearest)
         info["truth_precision"] = label_precision(labels, truth)
         write_csv(paths.pseudo_csv, labels)
         plot_report(curve, best, info["threshold"], paths.pseudo_png,

@@ -81,12 +81,16 @@ def build_index(db: np.ndarray, index: str = "flat", nlist: int = 100, nprobe: i
 
 
 def search(db, queries, k: int, exclude=None, index: str = "flat", nlist: int = 100, nprobe: int = 10,
-           gpu="auto") -> tuple[np.ndarray, np.ndarray]:
+           gpu="auto", groups=None) -> tuple[np.ndarray, np.ndarray]:
     """Top-k database rows per query by inner product: ``(scores (nq, k) float32, idx (nq, k) int64)``.
 
     ``exclude[q]`` is a database row dropped from query q's list (-1: none), e.g. the query
-    itself. Where fewer than k rows exist, the tail is padded with idx -1 and score -inf.
+    itself. ``groups=(query_groups, db_groups)`` (labels, '' = none) also drops every database
+    row of the query's group, e.g. the other photos of the same encounter. Where fewer than k
+    rows exist, the tail is padded with idx -1 and score -inf.
     """
+    if groups is not None:
+        return _search_grouped(db, queries, k, exclude, groups, dict(index=index, nlist=nlist, nprobe=nprobe, gpu=gpu))
     db = np.ascontiguousarray(db, dtype=np.float32)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if db.ndim != 2 or queries.ndim != 2 or db.shape[1] != queries.shape[1]:
@@ -108,6 +112,56 @@ def search(db, queries, k: int, exclude=None, index: str = "flat", nlist: int = 
         out[q, : len(row)] = i[q, row]
         scores[q, : len(row)] = s[q, row]
     return scores, out
+
+
+def _search_grouped(db, queries, k, exclude, groups, kw):
+    qg, dg = (np.asarray(g, dtype=object).astype(str) for g in groups)
+    if len(qg) != len(queries) or len(dg) != len(db):
+        raise ValueError(f"groups must label every query ({len(queries)}) and database row ({len(db)})")
+    labelled = dg[dg != ""]
+    extra = int(np.unique(labelled, return_counts=True)[1].max()) if len(labelled) else 0
+    scores, idx = search(db, queries, k + extra, exclude, **kw)
+    out_s = np.full((len(queries), k), -np.inf, np.float32)
+    out_i = np.full((len(queries), k), -1, np.int64)
+    for q in range(len(queries)):
+        keep = idx[q] >= 0
+        if qg[q]:
+            keep &= dg[np.clip(idx[q], 0, None)] != qg[q]
+        row = np.flatnonzero(keep)[:k]
+        out_i[q, : len(row)] = idx[q, row]
+        out_s[q, : len(row)] = scores[q, row]
+    return out_s, out_i
+
+
+def relevant_counts(query_ids, db_ids, query_in_db: bool = True, groups=None) -> np.ndarray:
+    """:func:`count_relevant`, and with ``groups=(query_groups, db_groups)`` without the images of
+    the query's own group (which a grouped search never returns).
+
+    >>> relevant_counts(["a", "b"], ["a", "a", "b", "b"], True, (["e1", ""], ["e1", "e1", "", "e2"])).tolist()
+    [0, 1]
+    """
+    n = count_relevant(query_ids, db_ids, query_in_db)
+    if groups is None:
+        return n
+    qg = np.asarray(groups[0], dtype=object).astype(str)
+    raw = count_relevant(query_ids, db_ids, query_in_db=False)
+    return np.where(qg != "", np.maximum(raw - same_group_relevant(query_ids, db_ids, *groups), 0), n)
+
+
+def same_group_relevant(query_ids, db_ids, q_groups, db_groups) -> np.ndarray:
+    """Per query, the database images of its identity inside its own group (not new_whale);
+    the query's own row counts when it is in the database.
+
+    >>> same_group_relevant(["a", "b"], ["a", "a", "b"], ["e1", ""], ["e1", "e2", ""]).tolist()
+    [1, 0]
+    """
+    db_ids = np.asarray(db_ids, dtype=object)
+    dg = np.asarray(db_groups, dtype=object).astype(str)
+    out = np.zeros(len(query_ids), np.int64)
+    for i, (qid, g) in enumerate(zip(query_ids, np.asarray(q_groups, dtype=object).astype(str))):
+        if g and qid != NEW_WHALE:
+            out[i] = int(((dg == g) & (db_ids == qid)).sum())
+    return out
 
 
 def rank_identities(scores, idx, db_ids: Sequence[str], n: int = 5, skip: Sequence[str] = (NEW_WHALE,)):
@@ -139,12 +193,14 @@ def rank_identities(scores, idx, db_ids: Sequence[str], n: int = 5, skip: Sequen
     return all_ids, all_sims
 
 
-def evaluate_search(scores, idx, query_ids, db_ids, k: int = 20, query_in_db: bool = True) -> dict:
+def evaluate_search(scores, idx, query_ids, db_ids, k: int = 20, query_in_db: bool = True, n_relevant=None) -> dict:
     """Scores of search results against labels: image-mode map20/top1/hit20 over the first k
-    results and ID-mode map5 (identities by best image, no new_whale prediction)."""
+    results and ID-mode map5 (identities by best image, no new_whale prediction).
+    ``n_relevant`` overrides the relevant-image counts (e.g. without same-encounter images)."""
     query_ids = np.asarray(query_ids, dtype=object)
     hits = relevance(query_ids, db_ids, np.asarray(idx)[:, :k])
-    out = image_scores(hits, count_relevant(query_ids, db_ids, query_in_db), k)
+    n_rel = count_relevant(query_ids, db_ids, query_in_db) if n_relevant is None else n_relevant
+    out = image_scores(hits, n_rel, k)
     ids, _ = rank_identities(scores, idx, db_ids, n=5)
     out["map5"] = kaggle_map5(ids, list(query_ids))
     return {k_: out[k_] for k_ in ("map20", "top1", "hit20", "map5", "n_queries")}

@@ -172,3 +172,26 @@ def validate_id_submission(df: pd.DataFrame, test_names: Sequence[str], n: int =
 def write_id_submission(dest, df: pd.DataFrame, test_names, n: int = 5) -> Path:
     validate_id_submission(df, test_names, n, source=str(dest))
     return write_csv(dest, df)
+
+
+def write_submissions(paths, table, emb, threshold: float, s: dict, kw: dict, rr: dict | None = None) -> dict:
+    """Stage 06's two submission files (validated before writing). Test images that stage 00
+    could not read get filler rows: the most often returned database images, new_whale first.
+    ``rr``: re-ranked lists (image mode: table rows; ID mode: predictions) that replace the
+    embedding's (common/rerank.py)."""
+    from .evaluation import frequent_ids, predict_test_ids, search_test_images
+    from .tables import submission_images
+
+    tests = table.loc[table["split"] == "test", "Image"].tolist()
+    every, missing = submission_images(paths)  # stage 00 names the test images it could not read
+    idx = rr["image_idx"] if rr else search_test_images(emb, table, s["k"], **kw)[1]
+    rows = image_rows(tests, idx, table["Image"])
+    rows += fill_rows(missing, rows, table["Image"], s["k"])
+    write_image_submission(paths.submission_csv, rows, every, table["Image"], s["k"])
+    preds = [p[: s["id_k"]] for p in rr["id_preds"]] if rr else predict_test_ids(emb, table, threshold, s["id_k"], **kw)
+    preds += [pad_ids([], [NEW_WHALE, *frequent_ids(table)], s["id_k"]) for _ in missing]
+    write_id_submission(paths.submission_ids_csv, id_frame(tests + missing, preds), every, s["id_k"])
+    n_nw = sum(p[0] == NEW_WHALE for p in preds)
+    print(f"{len(rows)} test rows ({len(missing)} unreadable test images got filler rows{': ' if missing else ''}"
+          f"{', '.join(missing[:5])}); new_whale first in {n_nw} ID rows (threshold {threshold:.3f})")
+    return {"new_whale_threshold": threshold, "filled_rows": missing, "new_whale_first": n_nw}

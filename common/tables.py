@@ -99,3 +99,23 @@ def submission_images(paths: Paths) -> tuple[list[str], list[str]]:
         raise HandoffError(f"{paths.clean_report} is missing: run stage 00 first (make 00)")
     dropped = [d["Image"] for d in (read_json(paths.clean_report).get("test") or {}).get("dropped_files", [])]
     return sorted(set(usable) | set(dropped)), sorted(set(dropped) - set(usable))
+
+
+def encounters(paths: Paths, table: pd.DataFrame) -> list[str]:
+    """Encounter label per row of a database table (split, Image): the optional ``encounter``
+    column of RAW/train.csv for train rows, RAW/test_encounters.csv (Image,encounter) for test
+    rows; '' where unknown. Photos of one encounter (one sighting, minutes apart) share their
+    background, so local validation never lets one count as another's match."""
+    def read(path, what):
+        if not path.exists():
+            return {}
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df.columns = [str(c).strip() for c in df.columns]
+        if "encounter" not in df.columns:
+            return {}
+        if "Image" not in df.columns:
+            raise ValueError(f"{path}: an encounter column needs an Image column ({what})")
+        return dict(zip(df["Image"].str.strip(), df["encounter"].str.strip()))
+
+    train, test = read(paths.raw_train_csv, "train"), read(paths.test_encounters_csv, "test")
+    return [(train if s == "train" else test).get(n, "") for s, n in zip(table["split"], table["Image"])]

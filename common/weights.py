@@ -186,3 +186,51 @@ def classify(image_paths, backbone: str = "tf_efficientnet_lite0", size: int = 2
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# Hub weights: fail in seconds, not after minutes of download retries
+# ---------------------------------------------------------------------------------------------
+HUB_HOST = "huggingface.co"
+
+
+def hub_reachable(host: str = HUB_HOST, port: int = 443, timeout: float = 3.0) -> bool:
+    """One TCP connection attempt to the model hub (no retries)."""
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_weights_cached(name: str) -> bool:
+    """Whether timm's weights for ``name`` are already in the local Hugging Face cache."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        repo = timm.models.get_pretrained_cfg(name).hf_hub_id
+    except (AttributeError, RuntimeError, ValueError):
+        return False
+    if not repo:
+        return False
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin"))
+
+
+def check_hub(name: str) -> None:
+    """Before ``model.pretrained=hub`` asks timm: the weights must be cached, or the hub reachable and
+    allowed (``offline: false``); otherwise a one-line :class:`WeightsError` that says how to proceed."""
+    import os
+
+    if hub_weights_cached(name):
+        return
+    fixes = (f"use model.pretrained=imagenet with an offline backbone ({', '.join(OFFLINE_IMAGENET)}), "
+             f"or a local weights file (model.pretrained=/path/to/{name}.pth), or run once where the hub is reachable")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise WeightsError(f"model.pretrained=hub: {name!r} weights are not in the local cache and offline: true "
+                           f"forbids downloads; set offline: false with internet, {fixes}")
+    if not hub_reachable():
+        raise WeightsError(f"model.pretrained=hub: {HUB_HOST} is unreachable and {name!r} weights are not in the "
+                           f"local cache; {fixes}")

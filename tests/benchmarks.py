@@ -12,8 +12,15 @@ issues' targets:
   instead of crops, and one started from ImageNet instead of the stage-03 checkpoint, both scored
   on the same local validation, so that "crops help" and "pretraining helps" are measured.
 
+* re-ranking: fused (embedding + local features) >= the better of embedding-only and local-only on
+  the withheld truth (MAP@20 and top-1), from stage 06's scores;
+* with ``--rerank-speed`` (on an existing DATA, nothing rerun): local features of the test
+  queries and their shortlists computed afresh (empty cache) and each test query matched against
+  its ``rerank.shortlist`` candidates; target <= 2 min for the demo's 200 x 100 on 2 cores.
+
 Writes DATA/bench.json and prints a table; exits 1 when a target is missed.
     python tests/benchmarks.py [--raw data/raw] [--data data/bench] [--config configs/demo.yaml] [--variants]
+    python tests/benchmarks.py --rerank-speed --raw data/raw --data data [--config configs/demo.yaml]
 """
 from __future__ import annotations
 
@@ -62,6 +69,34 @@ def variant(args, paths: Paths, name: str, tag: str, sets: list[str]) -> dict:
     return member_val(read(Paths(paths.raw, vdata).members_summary), name)
 
 
+def rerank_speed(paths: Paths, cfg: dict) -> dict:
+    """Seconds for features (fresh cache) + matching of every test query vs its shortlist."""
+    import tempfile
+
+    import numpy as np
+
+    from common.config import member_config
+    from common.embedding_store import embed_members
+    from common.rerank import LocalScorer, shortlist
+    from common.retrieval import meta_embedding
+
+    names = member_names(cfg)
+    table, embs = embed_members(cfg, paths, names, log=lambda m: None)
+    emb = meta_embedding([embs[n] for n in names], [member_config(cfg, n)["weight"] for n in names])
+    te = np.flatnonzero((table["split"] == "test").to_numpy())
+    depth = max(int(cfg["rerank"]["shortlist"]), int(cfg["search"]["k"]))
+    _, idx = shortlist(emb, te, np.arange(len(table)), depth, True, None, gpu=False)
+    with tempfile.TemporaryDirectory(prefix="rerank_bench_") as tmp:
+        scorer = LocalScorer(table, cfg["rerank"], tmp)
+        scorer.ensure(np.concatenate([te, idx.ravel()]))
+        scorer.scores(te.tolist(), idx)
+    sec = scorer.seconds
+    return {"queries": int(len(te)), "shortlist": depth, "images": scorer.counts["computed"],
+            "pairs": scorer.counts["pairs"], "features_s": round(sec["features"], 1),
+            "matching_s": round(sec["matching"], 1), "total_s": round(sec["features"] + sec["matching"], 1),
+            "threads": cfg["rerank"]["threads"], "cpu_count": os.cpu_count()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--raw", default="data/raw")
@@ -70,9 +105,16 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--variants", action="store_true", help="also measure no-crops and no-pretrain members")
     ap.add_argument("--keep", action="store_true", help="reuse DATA instead of starting from nothing")
+    ap.add_argument("--rerank-speed", action="store_true", help="only time local features + matching on DATA")
     args = ap.parse_args()
     paths = Paths(args.raw, args.data)
     cfg = load_config(args.config, args.set)
+    if args.rerank_speed:
+        res = rerank_speed(paths, cfg)
+        print(json.dumps(res, indent=1))
+        ok = res["total_s"] <= 120
+        print(f"{'PASS' if ok else 'FAIL'}  features + matching of {res['queries']} x {res['shortlist']} <= 2 min")
+        return 0 if ok else 1
     make = ["make", "--no-print-directory", "all", f"RAW={args.raw}", f"DATA={args.data}", f"CONFIG={args.config}"]
     if args.set:
         make.append("SET=" + " ".join(args.set))
@@ -114,6 +156,14 @@ def main() -> int:
         for n, m in rnd.get("members", {}).items():
             checks[f"{n}: pseudo-label retrain kept only if map20 not lower"] = \
                 m["after"] >= m["before"] or not m["kept"]
+
+    sc = scores.get("scores", {})
+    final = scores.get("final", "ensemble")
+    if f"{final}+fused" in sc and "test" in sc[final]:
+        for m in ("map20", "top1"):
+            best = max(sc[final]["test"][m], sc[f"{final}+local"]["test"][m])
+            checks[f"rerank: fused test {m} >= max(embedding, local)"] = sc[f"{final}+fused"]["test"][m] >= best
+        res["rerank_test"] = {v: sc[v]["test"] for v in (final, f"{final}+local", f"{final}+fused")}
 
     if args.variants:
         n = names[0]

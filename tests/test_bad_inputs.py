@@ -255,6 +255,8 @@ CASES = [
          r"\(did you mean 'clean\.min_side'\?\)", rc=2, sets=[*QUIET, "clean.min_sid=64"]),
     Case("typo-in-a-section-name", lambda raw: None, r"unknown config key 'claen' in --set claen\.seed=1 "
          r"\(did you mean 'clean'\?\)", rc=2, sets=[*QUIET, "claen.seed=1"]),
+    Case("hub-weights-out-of-reach", lambda raw: None, r"model\.pretrained=hub: 'tf_efficientnet_lite0' weights are not "
+         r"in the local cache and offline: true forbids downloads.*pretrained=imagenet", sets=[*QUIET, "model.pretrained=hub"]),
     # ---- accepted: repaired or skipped, and reported ------------------------------------------
     Case("bom-and-crlf", _bom_crlf, r"13/13 images kept", rc=0, check=_check(**{"train.kept": 13})),
     Case("spaces-around-a-csv-cell", _spaced_cell, r"13/13 images kept", rc=0),

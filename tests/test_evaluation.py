@@ -63,3 +63,16 @@ def test_configured_threshold_overrides_the_tuned_one():
     assert local_scores(emb, table, truth, k=3)["val"]["threshold_source"] == "tuned"
     s = local_scores(emb, table, truth, k=3, threshold=0.99)
     assert s["val"]["new_whale_threshold"] == 0.99 and s["val"]["threshold_source"] == "config"
+
+
+def test_same_encounter_photos_are_never_hits_nor_fill_the_list():
+    emb, table, truth = scene()
+    plain = local_scores(emb, table, truth, k=3)
+    table = table.assign(encounter="")
+    assert local_scores(emb, table, truth, k=3) == plain  # empty encounters: exactly the plain scores
+    table.loc[table["Image"].isin(["b1", "b2"]), "encounter"] = "s1"  # b's only other photo: same sighting
+    table.loc[table["Image"].isin(["tu1", "tu2"]), "encounter"] = "s2"
+    s = local_scores(emb, table, truth, k=3)
+    # query b1 has no relevant image outside its encounter: skipped by map20, a miss for top-1
+    assert s["val"]["map20"] == pytest.approx(1) and s["val"]["top1"] == pytest.approx(1 / 3)
+    assert s["test"]["hit20"] < plain["test"]["hit20"]  # tu1/tu2 no longer find each other

@@ -128,7 +128,11 @@ def test_stage06_writes_valid_submissions_and_reuses_embeddings(comp):
     assert sorted(ids["Image"]) == tests and all(len(set(x.split())) == 5 for x in ids["Id"])
     assert ids.set_index("Image").loc["broken.jpg", "Id"].split()[0] == "new_whale"
     scores = pd.read_json(comp.scores_json, typ="series")
-    assert set(scores["scores"]) == {*member_names(load_config("tiny")), "ensemble"}
+    assert set(scores["scores"]) == {*member_names(load_config("tiny")), "ensemble", "ensemble+local", "ensemble+fused"}
+    assert 0 <= scores["rerank"]["weight"] <= 1
+    for f in (comp.rerank_calibration, comp.reliability_png, comp.matches_png, comp.rerank_report):
+        assert f.exists(), f
+    assert "ensemble+fused" in out.stdout
     for s in scores["scores"].values():
         assert 0 <= s["val"]["map20"] <= 1 and s["val"]["n_queries"] == N_IDS // 2
         assert 0 <= s["test"]["map5_nw"] <= 1
@@ -144,6 +148,21 @@ def test_stage06_writes_valid_submissions_and_reuses_embeddings(comp):
     validate_image_submission(read_image_submission(comp.submission_csv), tests, db, k=20)
 
 
+def test_rerank_off_or_weight_zero_keeps_the_embedding_ranking(comp, tmp_path):
+    off = stage("06_ensemble_submit.py", comp, "--set", "rerank.enabled=false")
+    assert off.returncode == 0, off.stderr[-3000:]
+    plain = comp.submission_csv.read_bytes()
+    scores = pd.read_json(comp.scores_json, typ="series")
+    assert set(scores["scores"]) == {*member_names(load_config("tiny")), "ensemble"} and "rerank" not in scores
+    zero = stage("06_ensemble_submit.py", comp, "--set", "rerank.fusion_weight=0.0")
+    assert zero.returncode == 0, zero.stderr[-3000:]
+    assert comp.submission_csv.read_bytes() == plain  # weight 0: the embedding's image ranking
+    s = pd.read_json(comp.scores_json, typ="series")["scores"]
+    for m in ("map20", "top1", "hit20"):
+        assert s["ensemble+fused"]["val"][m] == s["ensemble"]["val"][m]
+        assert s["ensemble+fused"]["test"][m] == s["ensemble"]["test"][m]
+
+
 def test_predict_prints_and_writes_matches(comp, tmp_path):
     photo = comp.raw / "test" / "te_0.jpg"
     out = stage("06_ensemble_submit.py", comp, "--predict", str(photo), "--top-k", "4", "--out", str(tmp_path / "m.csv"))
@@ -152,6 +171,8 @@ def test_predict_prints_and_writes_matches(comp, tmp_path):
     assert len(m) == 4 and m["rank"].tolist() == ["1", "2", "3", "4"]
     assert m["match"].iloc[0] == "te_0.jpg"  # the photo itself is in the database: similarity ~1
     assert float(m["similarity"].iloc[0]) > 0.99 and "te_0.jpg" in out.stdout
+    assert {"inliers", "probability"} <= set(m.columns)  # re-ranked by the fused probability
+    assert "nearest known Id" in out.stdout or "probably a new individual" in out.stdout
 
     broken = comp.raw / "test" / "broken.jpg"
     bad = stage("06_ensemble_submit.py", comp, "--predict", str(broken))

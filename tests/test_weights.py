@@ -92,6 +92,7 @@ def test_hub_failure_is_a_clear_error(monkeypatch):
         return real(name, pretrained=False, **kw)
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(weights, "hub_weights_cached", lambda name: True)  # past the quick check: timm fails
     with pytest.raises(WeightsError, match=r"hub.*no internet.*offline: false"):
         build_model(section("model", backbone=LITE0, pretrained="hub", emb_dim=8))
 
@@ -114,3 +115,27 @@ def test_bare_timm_state_dict_as_pretrained_path(tmp_path):
         warnings.simplefilter("error")  # a bare backbone has no neck: nothing to warn about
         m = build_model(section("model", backbone=LITE0, pretrained=str(tmp_path / "timm.pth"), emb_dim=8))
     assert torch.equal(m.backbone.state_dict()["conv_stem.weight"], net.state_dict()["conv_stem.weight"])
+
+
+def test_hub_without_cache_or_network_fails_in_seconds(monkeypatch):
+    """The full profile (model.pretrained=hub) on a machine without the hub: one line, at once."""
+    import time
+
+    monkeypatch.setattr(weights, "hub_weights_cached", lambda name: False)
+    monkeypatch.setattr(weights, "hub_reachable", lambda *a, **k: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    called = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: called.append(a))
+    t = time.time()
+    with pytest.raises(WeightsError, match=r"huggingface\.co is unreachable.*pretrained=imagenet.*local weights file"):
+        build_model(section("model", backbone="resnet34", pretrained="hub", emb_dim=8))
+    assert time.time() - t < 5 and not called, "timm must not be asked to download"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsError, match=r"offline: true forbids downloads"):
+        build_model(section("model", backbone="resnet34", pretrained="hub", emb_dim=8))
+
+
+def test_cached_hub_weights_skip_the_network_check(monkeypatch):
+    monkeypatch.setattr(weights, "hub_weights_cached", lambda name: True)
+    monkeypatch.setattr(weights, "hub_reachable", lambda *a, **k: pytest.fail("no network check needed"))
+    weights.check_hub("resnet34")

@@ -1,0 +1,200 @@
+"""Local features (SIFT keypoints, RootSIFT descriptors) and geometrically verified matching.
+
+Features are computed on the image later stages read (the stage 02 crop when there is one),
+resized so that its longest side is ``size`` px (small crops are upscaled: SIFT finds few
+keypoints on a 70 px crop), at most ``max_keypoints`` of them (strongest first). RootSIFT
+(Arandjelović & Zisserman 2012): L1-normalise each SIFT descriptor and take the square root, so
+that the Euclidean distance compares descriptors like the Hellinger kernel.
+
+Matching one pair: 2-NN of each query descriptor among the candidate's (``cv2.BFMatcher``), Lowe's
+ratio test, one match per candidate keypoint, then a homography fitted with RANSAC or MAGSAC++
+(``cv2.USAC_MAGSAC``); the score is its inlier count. A homography that reverses orientation
+(negative determinant: the candidate would have to be mirrored) scores 0: flukes are not mirror
+symmetric, so a mirrored match is never evidence of the same animal.
+
+Features are cached per image under ``cache_dir/<split>/<Image>.npz`` with the image's path,
+mtime and size and the extraction settings; a cached file is reused while all of them match.
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .io import atomic_path, read_image
+
+METHODS = ("magsac", "ransac")
+
+
+@dataclass
+class Features:
+    xy: np.ndarray    # (n, 2) float32 keypoint positions in the resized image
+    desc: np.ndarray  # (n, 128) float32 RootSIFT descriptors
+    scale: float      # resized px per original image px (to draw on the original image)
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+
+def resize_longest(img: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """``img`` scaled so that its longest side is ``size`` (up or down), and the factor."""
+    import cv2
+
+    h, w = img.shape[:2]
+    f = float(size) / max(h, w)
+    if abs(f - 1.0) < 1e-6:
+        return img, 1.0
+    out = cv2.resize(img, (max(1, round(w * f)), max(1, round(h * f))),
+                     interpolation=cv2.INTER_CUBIC if f > 1 else cv2.INTER_AREA)
+    return out, f
+
+
+def root_sift(desc: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    """RootSIFT: sqrt of the L1-normalised descriptor (unit L2 norm as a result).
+
+    >>> d = root_sift(np.array([[1.0, 3.0, 0.0]]))
+    >>> [round(float(x), 3) for x in d[0]], round(float(np.linalg.norm(d)), 3)
+    ([[0.5, 0.866, 0.0]], 1.0)
+    """
+    d = np.asarray(desc, dtype=np.float32)
+    d = d / (np.abs(d).sum(axis=1, keepdims=True) + eps)
+    return np.sqrt(d).astype(np.float32)
+
+
+def extract(img: np.ndarray, size: int = 384, max_keypoints: int = 500) -> Features:
+    """SIFT keypoints + RootSIFT descriptors of an RGB or grey uint8 image."""
+    import cv2
+
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY) if img.ndim == 3 else img
+    grey, f = resize_longest(grey, size)
+    sift = cv2.SIFT_create(nfeatures=int(max_keypoints))
+    kps, desc = sift.detectAndCompute(grey, None)
+    if desc is None or not kps:
+        return Features(np.zeros((0, 2), np.float32), np.zeros((0, 128), np.float32), f)
+    xy = np.array([k.pt for k in kps], dtype=np.float32)
+    return Features(xy[: int(max_keypoints)], root_sift(desc)[: int(max_keypoints)], f)
+
+
+def feature_key(path, size: int, max_keypoints: int) -> str:
+    """What a cached feature file must match to be reused: the image file and the settings."""
+    st = os.stat(path)
+    return json.dumps({"path": str(Path(path).resolve()), "mtime": st.st_mtime_ns, "bytes": st.st_size,
+                       "size": int(size), "max_keypoints": int(max_keypoints), "v": 1}, sort_keys=True)
+
+
+def _load(cache_file: Path, key: str) -> Features | None:
+    if not cache_file.exists():
+        return None
+    try:
+        with np.load(cache_file, allow_pickle=False) as z:
+            if str(z["key"]) != key:
+                return None
+            return Features(z["xy"].astype(np.float32), z["desc"].astype(np.float32), float(z["scale"]))
+    except (OSError, KeyError, ValueError):  # unreadable or old-format file: recompute
+        return None
+
+
+def _save(cache_file: Path, key: str, f: Features) -> None:
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache_file) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, key=np.array(key), xy=f.xy, desc=f.desc.astype(np.float16), scale=np.array(f.scale))
+
+
+def compute_features(images: Sequence[tuple[str, str, str]], cache_dir, size: int = 384, max_keypoints: int = 500,
+                     threads: int = 2, progress: bool = True) -> tuple[list[Features], dict]:
+    """Features of ``images`` (``(split, name, path)`` triples), from the cache when the image
+    and settings are unchanged, else extracted (threads: OpenCV releases the GIL) and cached.
+    Returns the features in input order and ``{"cached": n, "computed": n}``. Descriptors come
+    back as float32 of the stored float16 values, fresh or cached alike."""
+    from tqdm import tqdm
+
+    cache_dir = Path(cache_dir)
+    counts = {"cached": 0, "computed": 0}
+
+    def one(item):
+        split, name, path = item
+        key = feature_key(path, size, max_keypoints)
+        dest = cache_dir / split / f"{name}.npz"
+        got = _load(dest, key)
+        if got is not None:
+            return got, "cached"
+        f = extract(read_image(path), size, max_keypoints)
+        _save(dest, key, f)
+        return _load(dest, key), "computed"
+
+    out = []
+    with ThreadPoolExecutor(max(1, int(threads))) as pool:
+        for f, how in tqdm(pool.map(one, images), total=len(images), desc="local features", disable=not progress,
+                           mininterval=1.0):
+            out.append(f)
+            counts[how] += 1
+    return out, counts
+
+
+def _usac(method: str) -> int:
+    import cv2
+
+    if method == "magsac":
+        return cv2.USAC_MAGSAC
+    if method == "ransac":
+        return cv2.RANSAC
+    raise ValueError(f"rerank.method must be one of {METHODS}, not {method!r}")
+
+
+def ratio_matches(a: Features, b: Features, ratio: float = 0.8) -> np.ndarray:
+    """``(m, 2)`` index pairs (a keypoint, b keypoint) passing Lowe's ratio test, at most one per
+    b keypoint (the closest)."""
+    import cv2
+
+    if len(a) < 2 or len(b) < 2:
+        return np.zeros((0, 2), np.int64)
+    knn = cv2.BFMatcher(cv2.NORM_L2).knnMatch(a.desc, b.desc, k=2)
+    rows = [(m.queryIdx, m.trainIdx, m.distance) for m, n in (p for p in knn if len(p) == 2)
+            if m.distance < ratio * n.distance]
+    if not rows:
+        return np.zeros((0, 2), np.int64)
+    r = np.array(rows)
+    r = r[np.argsort(r[:, 2], kind="stable")]
+    _, first = np.unique(r[:, 1], return_index=True)
+    return r[np.sort(first), :2].astype(np.int64)
+
+
+def match_pair(a: Features, b: Features, ratio: float = 0.8, threshold: float = 5.0, method: str = "magsac",
+               min_matches: int = 6, return_matches: bool = False):
+    """Inlier count of the homography mapping ``a`` onto ``b`` (0 when fewer than ``min_matches``
+    ratio-test matches, no model, or an orientation-reversing, i.e. mirrored, model). With
+    ``return_matches`` also the ``(m, 2)`` inlier index pairs."""
+    import cv2
+
+    pairs = ratio_matches(a, b, ratio)
+    none = (0, np.zeros((0, 2), np.int64)) if return_matches else 0
+    if len(pairs) < max(4, int(min_matches)):
+        return none
+    src, dst = a.xy[pairs[:, 0]], b.xy[pairs[:, 1]]
+    H, mask = cv2.findHomography(src, dst, _usac(method), float(threshold), maxIters=2000, confidence=0.995)
+    if H is None or mask is None or np.linalg.det(H[:2, :2]) <= 0:
+        return none
+    keep = mask.ravel().astype(bool)
+    n = int(keep.sum())
+    return (n, pairs[keep]) if return_matches else n
+
+
+def match_many(feats: Sequence[Features], pairs: Sequence[tuple[int, int]], ratio: float = 0.8,
+               threshold: float = 5.0, method: str = "magsac", min_matches: int = 6, threads: int = 2,
+               progress: bool = True, desc: str = "local matching") -> np.ndarray:
+    """Inlier counts of ``pairs`` (query feature index, candidate feature index), threaded."""
+    from tqdm import tqdm
+
+    def one(p):
+        return match_pair(feats[p[0]], feats[p[1]], ratio, threshold, method, min_matches)
+
+    with ThreadPoolExecutor(max(1, int(threads))) as pool:
+        it = pool.map(one, pairs, chunksize=64)
+        out = list(tqdm(it, total=len(pairs), desc=desc, disable=not progress or not len(pairs), mininterval=1.0))
+    return np.asarray(out, dtype=np.int32)

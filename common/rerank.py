@@ -1,0 +1,451 @@
+"""Re-ranking embedding shortlists with local-feature matching, WildFusion-style.
+
+For every query, the top ``rerank.shortlist`` database images of the (meta-)embedding are
+matched with SIFT/RootSIFT + homography verification (:mod:`common.local_features`); the score
+of a pair is its inlier count. Both the cosine similarity and the inlier count are mapped to
+P(same individual) by isotonic regressions fitted on local-validation pairs taken from the
+*whole* ranking: every shortlist pair plus ``rerank.calib_random`` random pairs per query from
+beyond the shortlist, weighted so the sample stands for all of them. (Fitted on shortlist pairs
+only, the cosine looks uninformative: every shortlist candidate is already similar.) The fused
+score is ``(1 - w) * P_embedding + w * P_local``; ``w`` is set or chosen on validation from
+0 (embedding only) .. 1 (local only). Each shortlist is re-ordered by the fused score, ties kept
+in embedding order, so ``w = 0`` gives exactly the embedding ranking.
+
+Encounters (photos of one sighting): local validation never lets a candidate from the query's
+own encounter count as a hit or take a place in its shortlist (:func:`common.retrieval.search`
+``groups``); they would match through the shared background, not the animal.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .local_features import compute_features, match_many, match_pair
+from .metrics import NEW_WHALE, image_scores, kaggle_map5, relevance
+from .retrieval import l2_normalize, rank_identities, relevant_counts, search
+from .submission import id_truth, insert_new_whale, pad_ids, tune_new_whale_threshold
+
+ID_N = 5
+GRID = tuple(round(float(w), 2) for w in np.linspace(0.0, 1.0, 11))
+
+
+# ---- calibration and fusion ---------------------------------------------------------------------
+def fit_isotonic(x, y, weight=None) -> dict:
+    """Non-decreasing map score -> P(same) as breakpoints ``{"x": [...], "y": [...]}``
+    (linear in between, clipped outside: :meth:`sklearn.isotonic.IsotonicRegression.predict`)."""
+    from sklearn.isotonic import IsotonicRegression
+
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) == 0:
+        return {"x": [0.0], "y": [0.0]}
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
+    iso.fit(x, y, sample_weight=weight)
+    return {"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
+
+
+def apply_isotonic(curve: dict, x) -> np.ndarray:
+    return np.interp(np.asarray(x, np.float64), curve["x"], curve["y"])
+
+
+@dataclass
+class Calibration:
+    emb: dict                      # isotonic breakpoints of the cosine
+    local: dict                    # ... of the inlier count
+    weight: float = 0.5            # share of the local probability in the fused score
+    new_whale_threshold: float = 0.5
+    info: dict = field(default_factory=dict)
+
+    def p_emb(self, cos) -> np.ndarray:
+        return apply_isotonic(self.emb, cos)
+
+    def p_local(self, inliers) -> np.ndarray:
+        return apply_isotonic(self.local, inliers)
+
+    def fuse(self, cos, inliers, weight: float | None = None) -> np.ndarray:
+        w = self.weight if weight is None else float(weight)
+        return (1.0 - w) * self.p_emb(cos) + w * self.p_local(inliers)
+
+    def to_dict(self) -> dict:
+        return {"emb": self.emb, "local": self.local, "weight": self.weight,
+                "new_whale_threshold": self.new_whale_threshold, "info": self.info}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Calibration":
+        return cls(d["emb"], d["local"], float(d["weight"]), float(d["new_whale_threshold"]), d.get("info", {}))
+
+
+def fit_calibration(cos, inliers, same, weight=None) -> Calibration:
+    """Isotonic calibrations of cosine and inlier count on labelled pairs (``same``: bool)."""
+    same = np.asarray(same, dtype=np.float64)
+    return Calibration(fit_isotonic(cos, same, weight), fit_isotonic(inliers, same, weight))
+
+
+def reorder(scores, idx, order_key=None):
+    """Each row sorted by ``scores`` descending, ties (and ``-inf`` padding) in the original order.
+    Returns ``(scores, idx)`` re-ordered."""
+    scores, idx = np.asarray(scores, np.float64), np.asarray(idx, np.int64)
+    s = np.where(idx >= 0, scores, -np.inf)
+    order = np.argsort(-s, axis=1, kind="stable")
+    return np.take_along_axis(s, order, 1), np.take_along_axis(idx, order, 1)
+
+
+# ---- shortlists and local scores ------------------------------------------------------------------
+def shortlist(emb, q_rows, db_rows, depth: int, exclude_self: bool = True, groups=None, **search_kw):
+    """Top-``depth`` database rows (table row numbers, -1 padding) and cosines per query row."""
+    e = l2_normalize(emb)
+    q_rows, db_rows = np.asarray(q_rows, np.int64), np.asarray(db_rows, np.int64)
+    pos = {int(r): i for i, r in enumerate(db_rows)}
+    excl = np.array([pos.get(int(r), -1) for r in q_rows], np.int64) if exclude_self else None
+    gr = None if groups is None else (groups[q_rows], groups[db_rows])
+    s, i = search(e[db_rows], e[q_rows], int(depth), exclude=excl, groups=gr, **search_kw)
+    return s, np.where(i >= 0, db_rows[np.clip(i, 0, None)], -1)
+
+
+class LocalScorer:
+    """Inlier counts between rows of a database table (``split, Image, path``), features from
+    the per-image cache, each pair matched once per run."""
+
+    def __init__(self, table: pd.DataFrame, rcfg: dict, cache_dir, progress: bool = True):
+        self.table, self.r, self.cache_dir, self.progress = table, rcfg, cache_dir, progress
+        self.feats: dict = {}
+        self.pairs: dict = {}
+        self.seconds = {"features": 0.0, "matching": 0.0}
+        self.counts = {"cached": 0, "computed": 0, "pairs": 0}
+
+    def add(self, keys, items, cache_dir=None) -> None:
+        """Features of ``items`` ``(split, name, path)`` under ``keys`` (extra images, e.g. --predict)."""
+        t = time.perf_counter()
+        feats, counts = compute_features(items, cache_dir or self.cache_dir, self.r["size"], self.r["max_keypoints"],
+                                         self.r["threads"], self.progress)
+        self.feats.update(zip(keys, feats))
+        for k, v in counts.items():
+            self.counts[k] += v
+        self.seconds["features"] += time.perf_counter() - t
+
+    def ensure(self, rows) -> None:
+        need = sorted({int(r) for r in np.asarray(rows).ravel() if r >= 0} - set(self.feats))
+        if need:
+            t = self.table
+            self.add(need, [(t["split"].iat[r], t["Image"].iat[r], t["path"].iat[r]) for r in need])
+
+    def scores(self, q_keys, idx, desc: str = "local matching") -> np.ndarray:
+        """Inlier counts ``(nq, S)`` of query key q_keys[i] vs table rows idx[i] (0 for padding)."""
+        idx = np.asarray(idx, np.int64)
+        self.ensure(idx)
+        self.ensure([k for k in q_keys if isinstance(k, (int, np.integer))])
+        todo = sorted({(q, int(c)) for q, row in zip(q_keys, idx) for c in row if c >= 0} - set(self.pairs))
+        t = time.perf_counter()
+        r = self.r
+        keys = list(self.feats)
+        where = {k: i for i, k in enumerate(keys)}
+        flist = [self.feats[k] for k in keys]
+        got = match_many(flist, [(where[a], where[b]) for a, b in todo], r["ratio"], r["ransac_threshold"],
+                         r["method"], r["min_matches"], r["threads"], self.progress, desc)
+        self.pairs.update(zip(todo, got.tolist()))
+        self.counts["pairs"] += len(todo)
+        self.seconds["matching"] += time.perf_counter() - t
+        return np.array([[self.pairs[(q, int(c))] if c >= 0 else 0 for c in row] for q, row in zip(q_keys, idx)],
+                        dtype=np.int32).reshape(idx.shape)
+
+    def matches(self, a, b):
+        r = self.r
+        return match_pair(self.feats[a], self.feats[b], r["ratio"], r["ransac_threshold"], r["method"],
+                          r["min_matches"], return_matches=True)
+
+
+# ---- evaluation of re-ranked lists -------------------------------------------------------------------
+def list_scores(fused, idx, q_ids, ids, n_rel, k: int = 20) -> dict:
+    """Image-mode map20/top1/hit20 of re-ranked lists and ID-mode map5 (no new_whale)."""
+    hits = relevance(q_ids, ids, np.asarray(idx)[:, :k])
+    out = image_scores(hits, n_rel, k)
+    pred, _ = rank_identities(fused, idx, ids, n=ID_N)
+    out["map5"] = kaggle_map5(pred, list(q_ids))
+    return out
+
+
+def _nw_scores(fused, idx, ids, truth, threshold=None):
+    pred, sims = rank_identities(fused, idx, ids, n=ID_N)
+    tuned, _, _ = tune_new_whale_threshold(pred, sims, truth, n=ID_N)
+    thr = tuned if threshold is None else float(threshold)
+    return kaggle_map5([insert_new_whale(p, s, thr, ID_N) for p, s in zip(pred, sims)], truth), thr
+
+
+def variants(weight: float) -> dict:
+    """Named fusion weights reported side by side."""
+    return {"embedding": 0.0, "local": 1.0, "fused": float(weight)}
+
+
+def calibration_pairs(emb, table, q_rows, db_rows, idx, n_random: int, groups, seed: int = 0):
+    """Random pairs from beyond each query's shortlist: ``(q_keys, cand rows, cosines, weights)``;
+    each stands for ``n_beyond / n_drawn`` pairs of the whole ranking."""
+    rng = np.random.default_rng(seed)
+    e = l2_normalize(emb)
+    qs, cs, ws = [], [], []
+    for q, row in zip(q_rows, idx):
+        taken = set(row[row >= 0].tolist()) | {int(q)}
+        pool = np.array([r for r in db_rows if r not in taken and not (groups is not None and groups[q]
+                                                                         and groups[r] == groups[q])], np.int64)
+        if not len(pool) or n_random <= 0:
+            continue
+        pick = rng.choice(pool, size=min(n_random, len(pool)), replace=False)
+        qs += [int(q)] * len(pick)
+        cs += pick.tolist()
+        ws += [len(pool) / len(pick)] * len(pick)
+    qs, cs = np.array(qs, np.int64), np.array(cs, np.int64)
+    cos = (e[qs] * e[cs]).sum(1) if len(qs) else np.zeros(0)
+    return qs, cs, cos, np.array(ws, np.float64)
+
+
+def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int = 20, groups=None,
+             search_kw: dict | None = None, log=print) -> tuple[Calibration, dict, dict]:
+    """Fit the calibration on local validation, pick the fusion weight, score the variants.
+    Returns ``(calibration, {variant: val scores}, report)``."""
+    search_kw = search_kw or {}
+    tr = np.flatnonzero((table["split"] == "train").to_numpy())
+    q = tr[table["is_query"].to_numpy()[tr].astype(bool)]
+    ids = table["Id"].to_numpy(object)
+    depth = max(int(rcfg["shortlist"]), k)
+    cos, idx = shortlist(emb, q, tr, depth, True, groups, **{**search_kw, "gpu": False})
+    inl = scorer.scores(q.tolist(), idx, "local matching (validation)")
+    rq, rc, rcos, rw = calibration_pairs(emb, table, q, tr, idx, int(rcfg["calib_random"]), groups, int(rcfg["seed"]))
+    rinl = scorer.scores(rq.tolist(), rc[:, None], "local matching (calibration)")[:, 0] if len(rq) else np.zeros(0)
+    valid = idx >= 0
+    same_sl = (ids[np.clip(idx, 0, None)] == ids[q][:, None]) & (ids[q][:, None] != NEW_WHALE) & valid
+    x_cos = np.concatenate([cos[valid], rcos])
+    x_inl = np.concatenate([inl[valid], rinl])
+    y = np.concatenate([same_sl[valid], (ids[rc] == ids[rq]) & (ids[rq] != NEW_WHALE)])
+    w = np.concatenate([np.ones(int(valid.sum())), rw])
+    cal = fit_calibration(x_cos, x_inl, y, w)
+    gr = None if groups is None else (groups[q], groups[tr])
+    n_rel = relevant_counts(ids[q], ids[tr], True, gr)
+    truth = [t if c > 0 else NEW_WHALE for t, c in zip(ids[q], n_rel)]
+    grid = {}
+    for wt in GRID:
+        f, i = reorder(cal.fuse(cos, inl, wt), idx)
+        grid[wt] = list_scores(f, i, ids[q], ids, n_rel, k)
+    fw = rcfg["fusion_weight"]
+    best = max(GRID, key=lambda g: (round(grid[g][rcfg["select_metric"]], 12), grid[g]["top1"], -abs(g - 0.5)))
+    cal.weight = best if fw == "auto" else float(fw)
+    out = {}
+    for name, wt in variants(cal.weight).items():
+        f, i = reorder(cal.fuse(cos, inl, wt), idx)
+        out[name] = list_scores(f, i, ids[q], ids, n_rel, k)
+        out[name]["map5_nw"], out[name]["new_whale_threshold"] = _nw_scores(f, i, ids, truth)
+    cal.new_whale_threshold = out["fused"]["new_whale_threshold"]
+    pos = y.astype(bool)
+    report = {"n_queries": int(len(q)), "shortlist": depth, "pairs_shortlist": int(valid.sum()),
+              "pairs_random": int(len(rq)), "positives": int(pos.sum()), "weight_mode": fw, "weight": cal.weight,
+              "grid": {str(g): {m: round(v, 5) for m, v in s.items() if m != "n_queries"} for g, s in grid.items()},
+              "pairs": {"p_emb": cal.p_emb(x_cos).tolist(), "p_local": cal.p_local(x_inl).tolist(),
+                        "same": pos.tolist(), "weight": w.tolist()}}
+    log(f"fusion weight {cal.weight:.2f} ({'chosen on validation' if fw == 'auto' else 'set'}); "
+        f"calibrated on {valid.sum()} shortlist + {len(rq)} random validation pairs ({pos.sum()} same individual)")
+    return cal, out, {**report, "sample": _sample_pairs(q, idx, inl, cal)}
+
+
+def _sample_pairs(q, idx, inl, cal, n: int = 6):
+    """Validation queries whose best re-ranked candidate is drawn in matches.png."""
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(q), size=min(n, len(q)), replace=False) if len(q) else []
+    out = []
+    for p in sorted(pick):
+        c = int(idx[p, np.argmax(inl[p])]) if (idx[p] >= 0).any() else -1
+        if c >= 0:
+            out.append((int(q[p]), c))
+    return out
+
+
+def test_lists(emb, table: pd.DataFrame, scorer: LocalScorer, cal: Calibration, k: int, depth: int,
+               weight: float | None = None, search_kw: dict | None = None):
+    """Re-ranked test lists: image mode (database train + test, self excluded) and ID mode
+    (database train). Returns ``(img_fused, img_idx, id_fused, id_idx)``, candidates as table rows."""
+    search_kw = search_kw or {}
+    tr = np.flatnonzero((table["split"] == "train").to_numpy())
+    te = np.flatnonzero((table["split"] == "test").to_numpy())
+    every = np.arange(len(table))
+    c1, i1 = shortlist(emb, te, every, max(depth, k), True, None, **search_kw)
+    c2, i2 = shortlist(emb, te, tr, max(depth, k), False, None, **search_kw)
+    inl1 = scorer.scores(te.tolist(), i1, "local matching (test, image mode)")
+    inl2 = scorer.scores(te.tolist(), i2, "local matching (test, ID mode)")
+    return (*reorder(cal.fuse(c1, inl1, weight), i1), *reorder(cal.fuse(c2, inl2, weight), i2))
+
+
+def id_predictions(fused, idx, table, threshold: float, fallback, n: int = ID_N) -> list[list[str]]:
+    """n Ids per query from its re-ranked list, new_whale inserted at ``threshold`` (fused probability)."""
+    ids = table["Id"].to_numpy(object)
+    pred, sims = rank_identities(fused, idx, ids, n=n)
+    return [pad_ids(insert_new_whale(p, s, threshold, n), fallback, n) for p, s in zip(pred, sims)]
+
+
+def score_test(img_fused, img_idx, id_preds, table, truth: pd.DataFrame, k: int, groups=None) -> dict:
+    """How the re-ranked submissions score against the withheld truth; same-encounter candidates
+    (test-side mapping) dropped from the image-mode lists first."""
+    te = np.flatnonzero((table["split"] == "test").to_numpy())
+    tr = np.flatnonzero((table["split"] == "train").to_numpy())
+    t = dict(zip(truth["Image"], truth["Id"]))
+    all_ids = table["Id"].to_numpy(object).copy()
+    test_ids = np.array([t.get(n, NEW_WHALE) for n in table["Image"].to_numpy(object)[te]], dtype=object)
+    all_ids[te] = test_ids
+    idx = np.asarray(img_idx)
+    gr = None
+    if groups is not None:
+        keep = (groups[te][:, None] == "") | (groups[np.clip(idx, 0, None)] != groups[te][:, None])
+        idx = np.array([np.concatenate([r[m], np.full((~m).sum(), -1)]) for r, m in zip(idx, keep)], np.int64)
+        gr = (groups[te], groups)
+    hits = relevance(test_ids, all_ids, idx[:, :k])
+    out = image_scores(hits, relevant_counts(test_ids, all_ids, True, gr), k)
+    out["map5_nw"] = kaggle_map5(id_preds, id_truth(test_ids, set(all_ids[tr])))
+    return out
+
+
+# ---- the whole step as stage 06 runs it ---------------------------------------------------------------
+def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=None, search_kw=None,
+        embedding: str = "ensemble", log=print) -> dict:
+    """Calibrate on validation, re-rank the test lists, score every variant; writes the
+    calibration, report, reliability and matches PNGs. Returns the lists and scores."""
+    from .io import write_json
+
+    r, k = cfg["rerank"], cfg["search"]["k"]
+    scorer = LocalScorer(table, r, paths.features_dir)
+    t0 = time.perf_counter()
+    scorer.ensure(np.arange(len(table)))
+    cal, val, report = validate(emb, table, scorer, r, k, groups, search_kw, log)
+    depth = max(int(r["shortlist"]), k)
+    thr = {}
+    scores = {}
+    lists = None
+    for name, wt in variants(cal.weight).items():
+        f1, i1, f2, i2 = test_lists(emb, table, scorer, cal, k, depth, wt, search_kw)
+        thr[name] = val[name]["new_whale_threshold"]
+        preds = id_predictions(f2, i2, table, thr[name], fallback_ids, cfg["search"]["id_k"])
+        scores[name] = {"val": val[name]}
+        if truth is not None:
+            scores[name]["test"] = score_test(f1, i1, preds, table, truth, k, groups)
+        if name == "fused":
+            lists = {"image_idx": i1[:, :k], "id_preds": preds, "threshold": thr[name]}
+    report["seconds"] = {**{k_: round(v, 1) for k_, v in scorer.seconds.items()},
+                         "total": round(time.perf_counter() - t0, 1)}
+    report["features"] = {k_: v for k_, v in scorer.counts.items()}
+    cal.info = {"embedding": embedding,
+                **{k_: r[k_] for k_ in ("size", "max_keypoints", "ratio", "ransac_threshold", "method", "min_matches")},
+                "shortlist": depth}
+    write_json(paths.rerank_calibration, cal.to_dict())
+    reliability_plot(report.pop("pairs"), cal, paths.reliability_png)
+    matches_plot(scorer, table, report.pop("sample"), paths.matches_png)
+    write_json(paths.rerank_report, {**report, "scores": scores})
+    log(f"local features: {scorer.counts['computed']} computed, {scorer.counts['cached']} from the cache "
+        f"({report['seconds']['features']} s); {scorer.counts['pairs']} pairs matched ({report['seconds']['matching']} s)")
+    return {"calibration": cal, "scores": scores, **lists}
+
+
+# ---- figures -------------------------------------------------------------------------------------------
+def reliability_plot(pairs: dict, cal: Calibration, dest, bins: int = 10):
+    """Reliability diagram (predicted P(same) vs observed share, weighted pairs) of the embedding,
+    local and fused probabilities on the validation calibration pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import save_figure
+
+    pe, pl = np.asarray(pairs["p_emb"]), np.asarray(pairs["p_local"])
+    y, w = np.asarray(pairs["same"], np.float64), np.asarray(pairs["weight"])
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    edges = np.linspace(0, 1, bins + 1)
+    for name, p in (("embedding", pe), ("local", pl), (f"fused (w={cal.weight:.2f})", (1 - cal.weight) * pe + cal.weight * pl)):
+        which = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
+        xs, ys = [], []
+        for bi in range(bins):
+            m = which == bi
+            if w[m].sum() > 0:
+                xs.append(np.average(p[m], weights=w[m]))
+                ys.append(np.average(y[m], weights=w[m]))
+        a.plot(xs, ys, "o-", label=name)
+    a.plot([0, 1], [0, 1], "k--", lw=1)
+    a.set_xlabel("predicted P(same individual)")
+    a.set_ylabel("observed share (validation pairs, weighted)")
+    a.legend(fontsize=8)
+    a.grid(alpha=0.3)
+    xs = np.linspace(0, max(cal.local["x"][-1], 1.0), 200)
+    b.plot(xs, cal.p_local(xs), label="local: P(same) vs inliers")
+    b.set_xlabel("inlier count")
+    b2 = b.twiny()
+    xc = np.linspace(min(cal.emb["x"][0], 0.0), 1.0, 200)
+    b2.plot(xc, cal.p_emb(xc), color="C1", label="embedding: P(same) vs cosine")
+    b2.set_xlabel("cosine similarity")
+    b.set_ylabel("P(same individual)")
+    b.legend(loc="upper left", fontsize=8)
+    b2.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, dest)
+
+
+def matches_plot(scorer: LocalScorer, table: pd.DataFrame, pairs, dest):
+    """Sample validation queries beside their best-matching shortlist candidate, inliers drawn
+    (green: same individual, red: not), so a user sees what matched (animal or background)."""
+    import cv2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import read_image, save_figure
+    from .local_features import resize_longest
+
+    size = int(scorer.r["size"])
+    fig, axes = plt.subplots(max(1, len(pairs)), 1, figsize=(8, 3.2 * max(1, len(pairs))), squeeze=False)
+    for ax, (q, c) in zip(axes[:, 0], pairs):
+        n, m = scorer.matches(q, c)
+        ims = [resize_longest(read_image(table["path"].iat[r]), size)[0] for r in (q, c)]
+        kq = [cv2.KeyPoint(float(x), float(y), 1) for x, y in scorer.feats[q].xy]
+        kc = [cv2.KeyPoint(float(x), float(y), 1) for x, y in scorer.feats[c].xy]
+        dm = [cv2.DMatch(int(a), int(b), 0.0) for a, b in m]
+        same = table["Id"].iat[q] == table["Id"].iat[c] and table["Id"].iat[q] != NEW_WHALE
+        col = (0, 200, 0) if same else (220, 0, 0)
+        canvas = cv2.drawMatches(ims[0], kq, ims[1], kc, dm, None, matchColor=col, singlePointColor=(255, 255, 0),
+                                 flags=cv2.DrawMatchesFlags_NOT_DRAW_SINGLE_POINTS)
+        ax.imshow(canvas)
+        ax.set_title(f"{table['Image'].iat[q]} ({table['Id'].iat[q]})  vs  {table['Image'].iat[c]} "
+                     f"({table['Id'].iat[c]}): {n} inliers", fontsize=8, color="green" if same else "red")
+        ax.axis("off")
+    fig.tight_layout()
+    return save_figure(fig, dest)
+
+
+# ---- 05 and --predict -------------------------------------------------------------------------------
+def fused_nearest_identities(emb, table, scorer: LocalScorer, cal: Calibration, q_rows, db_rows, depth: int,
+                             n: int = 2, q_keys=None, q_emb=None):
+    """Best ``n`` known identities per query scored by the fused probability of their best image
+    in the re-ranked shortlist: ``(ids (nq, n) object, probs (nq, n); '' / -inf where fewer)``."""
+    db_rows = np.asarray(db_rows, np.int64)
+    e = l2_normalize(emb)
+    qe = e[np.asarray(q_rows, np.int64)] if q_emb is None else l2_normalize(q_emb)
+    s, i = search(e[db_rows], qe, min(int(depth), len(db_rows)), gpu=False)
+    idx = np.where(i >= 0, db_rows[np.clip(i, 0, None)], -1)
+    inl = scorer.scores(list(q_rows) if q_keys is None else q_keys, idx, "local matching (pseudo-labels)")
+    f, idx = reorder(cal.fuse(s, inl), idx)
+    ids, sims = rank_identities(f, idx, table["Id"].to_numpy(object), n=n)
+    out_ids = np.full((len(qe), n), "", dtype=object)
+    out_sims = np.full((len(qe), n), -np.inf)
+    for r, (a, b) in enumerate(zip(ids, sims)):
+        out_ids[r, : len(a)] = a
+        out_sims[r, : len(b)] = b
+    return out_ids, out_sims
+
+
+def fused_ranker(cfg: dict, paths, table: pd.DataFrame, emb, groups=None, log=print):
+    """Calibration fitted on local validation for ``emb`` and a ``nearest(q_rows, db_rows)`` that
+    ranks identities by fused probability (stage 05's pseudo-label confidence)."""
+    r, k = cfg["rerank"], cfg["search"]["k"]
+    scorer = LocalScorer(table, r, paths.features_dir)
+    cal, val, _ = validate(emb, table, scorer, r, k, groups, None, log)
+    depth = max(int(r["shortlist"]), k)
+
+    def nearest(q_rows, db_rows):
+        return fused_nearest_identities(emb, table, scorer, cal, q_rows, db_rows, depth)
+
+    return nearest, cal, val

@@ -1,0 +1,74 @@
+"""Calibration, fusion and re-ranking of shortlists (common/rerank.py), grouped search."""
+import numpy as np
+import pandas as pd
+
+from common.paths import Paths
+from common.rerank import Calibration, apply_isotonic, fit_calibration, fit_isotonic, reorder, shortlist
+from common.retrieval import relevant_counts, search
+from common.tables import encounters
+
+
+def test_isotonic_calibration_is_monotone_and_a_probability():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 60, 2000)
+    y = rng.random(2000) < 1 / (1 + np.exp(-(x - 20) / 5))
+    curve = fit_isotonic(x, y, weight=rng.uniform(0.5, 3, 2000))
+    p = apply_isotonic(curve, np.linspace(-10, 100, 500))
+    assert np.all(np.diff(p) >= 0) and p.min() >= 0 and p.max() <= 1
+    assert p[0] < 0.1 and p[-1] > 0.9
+
+
+def _lists(rng, nq=30, s=15):
+    cos = -np.sort(-rng.uniform(-0.2, 0.9, (nq, s)), axis=1)
+    cos[:, 3] = cos[:, 2]  # ties keep the embedding order
+    idx = rng.permutation(nq * s).reshape(nq, s)
+    inl = rng.integers(0, 40, (nq, s))
+    return cos, idx, inl
+
+
+def test_fusion_weight_zero_gives_the_embedding_ranking_one_the_local_ranking():
+    rng = np.random.default_rng(1)
+    cos, idx, inl = _lists(rng)
+    same = rng.random(cos.size) < 0.3
+    cal = fit_calibration(cos.ravel(), inl.ravel(), same)
+    _, order0 = reorder(cal.fuse(cos, inl, 0.0), idx)
+    np.testing.assert_array_equal(order0, idx)
+    cal.local = {"x": [0.0, 40.0], "y": [0.0, 1.0]}  # strictly increasing in inliers
+    _, order1 = reorder(cal.fuse(cos, inl, 1.0), idx)
+    got = np.take_along_axis(inl, np.argsort(-inl, axis=1, kind="stable"), 1)
+    np.testing.assert_array_equal(np.array([[inl[r][list(idx[r]).index(c)] for c in order1[r]] for r in range(len(idx))]), got)
+
+
+def test_fused_score_is_the_weighted_mean_and_round_trips():
+    cal = Calibration({"x": [0.0, 1.0], "y": [0.0, 1.0]}, {"x": [0.0, 10.0], "y": [0.0, 1.0]}, 0.25, 0.4)
+    np.testing.assert_allclose(cal.fuse([0.8], [5]), [0.75 * 0.8 + 0.25 * 0.5])
+    assert Calibration.from_dict(cal.to_dict()).to_dict() == cal.to_dict()
+    s, i = reorder([[0.2, 0.9, 0.5]], [[7, 8, -1]])
+    assert i.tolist() == [[8, 7, -1]]
+
+
+def test_grouped_search_never_returns_the_query_encounter():
+    rng = np.random.default_rng(2)
+    db = rng.normal(size=(12, 8)).astype(np.float32)
+    groups = np.array(["e1", "e1", "e1", "", "e2", "e2", "", "", "", "", "", ""], dtype=object)
+    q = np.array([0, 4, 6])
+    _, plain = search(db, db[q], 11, exclude=q, gpu=False)
+    _, idx = search(db, db[q], 11, exclude=q, gpu=False, groups=(groups[q], groups))
+    assert not {1, 2} & set(idx[0]) and 5 not in idx[1] and (idx[0] >= 0).sum() == 9
+    np.testing.assert_array_equal(idx[2], plain[2])
+    ids = np.array(["a", "a", "b", "a", "c", "c", "a", "b", "b", "b", "b", "b"], dtype=object)
+    assert relevant_counts(ids[q], ids, True, (groups[q], groups)).tolist() == [2, 0, 3]
+    _, rows = shortlist(db, q, np.arange(12), 5, True, groups, gpu=False)
+    assert not {0, 1, 2} & set(rows[0]) and 4 not in rows[1] and 5 not in rows[1]
+
+
+def test_encounters_come_from_train_csv_and_the_test_mapping(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pd.DataFrame({"Image": ["a.jpg", "b.jpg"], "Id": ["w1", "w1"], "encounter": ["s1", ""]}).to_csv(raw / "train.csv", index=False)
+    pd.DataFrame({"Image": ["t.jpg"], "encounter": ["s1"]}).to_csv(raw / "test_encounters.csv", index=False)
+    table = pd.DataFrame({"split": ["train", "train", "test", "test"], "Image": ["a.jpg", "b.jpg", "t.jpg", "u.jpg"]})
+    assert encounters(Paths(raw, tmp_path / "data"), table) == ["s1", "", "s1", ""]
+    (raw / "test_encounters.csv").unlink()
+    pd.DataFrame({"Image": ["a.jpg"], "Id": ["w1"]}).to_csv(raw / "train.csv", index=False)
+    assert encounters(Paths(raw, tmp_path / "data"), table) == ["", "", "", ""]
