@@ -59,7 +59,7 @@ def root_sift(desc: np.ndarray, eps: float = 1e-7) -> np.ndarray:
 
     >>> d = root_sift(np.array([[1.0, 3.0, 0.0]]))
     >>> [round(float(x), 3) for x in d[0]], round(float(np.linalg.norm(d)), 3)
-    ([[0.5, 0.866, 0.0]], 1.0)
+    ([0.5, 0.866, 0.0], 1.0)
     """
     d = np.asarray(desc, dtype=np.float32)
     d = d / (np.abs(d).sum(axis=1, keepdims=True) + eps)
