@@ -5,7 +5,7 @@ checkpoint (model.from_pretrain_stage, when stage 03 made one) or else from mode
 trains on clean/train.csv (train.fit: local = train_local rows validated on the local split,
 full = every train_full row without validation), on fluke crops when stage 02 made them. The
 untrained model.pretrained backbone (ImageNet) is scored first: the baseline to beat (train.baseline).
-Writes models/<member>/ (best.pt, last.pt, history.csv, curves.png, config.json, tb/) and
+Writes models/<member>/ (best.pt, last.pt, history.csv, curves.png, augment.png, config.json, tb/) and
 updates models/summary.json (best checkpoint, scores and baseline per member).
 `--lr-find` only sweeps the learning rate (models/<member>/lr_find.png) and prints a suggestion.
 """
@@ -23,6 +23,7 @@ def extra(ap):
 def main() -> int:
     cfg, paths, args = parse_stage_args(__doc__, extra=extra)
     from common import tables, training
+    from common.augment import preview
     from common.io import read_json, write_json
 
     names = [args.model] if args.model else member_names(cfg)
@@ -33,6 +34,8 @@ def main() -> int:
         crops = member["model"]["use_crops"]
         fit = member["train"]["fit"]
         train_df = tables.train_frame(paths, "train", fit=fit, use_crops=crops)
+        preview(train_df["path"][:4], paths.member_dir(name) / "augment.png", member["model"]["img_size"],
+                (0.5,) * 3, (0.5,) * 3, member["augment"]["strength"])  # what the augmentation does, by eye
         kw = dict(init=init, device=cfg["device"], num_workers=cfg["num_workers"])
         if args.lr_find:
             training.lr_find(member, train_df, paths.member_dir(name) / "lr_find.png",

@@ -354,12 +354,3 @@ def write_data_yaml(dest, dataset_dir, val: str = "images/val") -> Path:
     data = {"path": str(Path(dataset_dir).resolve()), "train": "images/train", "val": val,
             "names": {0: CLASS_NAME}}
     return write_text(dest, yaml.safe_dump(data, sort_keys=False))
-
-
-def read_yolo_labels(label_file, width: int, height: int) -> list[tuple[float, float, float, float]]:
-    """Pixel corners of every box in a YOLO txt label file (for checks and round trips)."""
-    out = []
-    for line in Path(label_file).read_text().splitlines():
-        if line.strip():
-            out.append(from_yolo([float(v) for v in line.split()[1:5]], width, height))
-    return out

@@ -1,7 +1,6 @@
 """Embedding images with a trained model (eval mode, batched, optional flip TTA, AMP on CUDA)."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,15 +64,3 @@ def embed_images(model, image_paths, img_size, batch_size: int = 64, device="cpu
     finally:
         model.train(was_training)
     return out
-
-
-def embed_checkpoint(ckpt_path, image_paths, img_size=None, **kwargs) -> np.ndarray:
-    """Load a training checkpoint and embed ``image_paths`` (``img_size`` defaults to the model's).
-
-    Keyword arguments go to :func:`embed_images` (batch_size, device, tta_hflip, num_workers, ...).
-    """
-    from .models import load_checkpoint
-
-    model, _ = load_checkpoint(Path(ckpt_path))
-    kwargs.setdefault("desc", f"embed {Path(ckpt_path).parent.name}")
-    return embed_images(model, image_paths, img_size or model.img_size, **kwargs)

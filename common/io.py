@@ -243,11 +243,3 @@ def _complete(buf) -> bool:
     if head == b"\x89PNG\r\n\x1a\n":
         return b"IEND" in tail
     return True
-
-
-def image_size(path) -> tuple[int, int]:
-    """(width, height) of an image without decoding pixels when PIL can read the header."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return im.size

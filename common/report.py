@@ -189,6 +189,9 @@ def training(paths) -> Section:
     s.add(table(rows))
     for name in summ.get("members") or {}:
         s.add(image(paths.member_dir(name) / "curves.png", f"{name}: training curves"))
+        if (paths.member_dir(name) / "augment.png").exists():
+            s.add(f"<details><summary>{esc(name)}: augmentation samples</summary>"
+                  f"{image(paths.member_dir(name) / 'augment.png', 'validation view, then training draws')}</details>")
     return s
 
 

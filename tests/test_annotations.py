@@ -1,4 +1,6 @@
 """Box annotations: every accepted format, bad rows, YOLO dataset round trip."""
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -206,7 +208,7 @@ def test_dataset_round_trip_pixels_to_yolo_txt_and_back(raw, tmp_path):
         with Image.open(img) as im:
             assert max(im.size) <= 64  # stored at the detector's input size
         label = out / "labels" / part / f"{stem}.txt"
-        back = ann.read_yolo_labels(label, *originals[stem])
+        back = read_yolo_labels(label, *originals[stem])
         np.testing.assert_allclose(sorted(back), sorted(truth[stem]), atol=0.01)
         seen.add(stem)
     assert seen == set(truth)
@@ -221,3 +223,12 @@ def test_check_boxes_without_reference_size_keeps_pixels():
     valid, counts = ann.check_boxes(boxes, {"p": (50, 50)})
     assert (valid.x0[0], valid.y0[0], valid.x1[0], valid.y1[0]) == (1, 2, 30, 40)
     assert counts["clipped"] == 0 and valid.width[0] == 50
+
+
+def read_yolo_labels(label_file, width: int, height: int) -> list[tuple[float, float, float, float]]:
+    """Pixel corners of every box in a YOLO txt label file (for checks and round trips)."""
+    out = []
+    for line in Path(label_file).read_text().splitlines():
+        if line.strip():
+            out.append(ann.from_yolo([float(v) for v in line.split()[1:5]], width, height))
+    return out

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from common.config import section
-from common.inference import embed_checkpoint, embed_images
+from common.inference import embed_images
 from common.io import ImageReadError
 from common.models import build_model
 
@@ -78,12 +78,3 @@ def test_unreadable_image_names_the_file(model, images, tmp_path):
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(ImageReadError, match="broken.jpg"):
         embed_images(model, [images["a"], bad], 64, progress=False)
-
-
-def test_embed_checkpoint_equals_embedding_with_the_model(model, images, tmp_path):
-    path = tmp_path / "best.pt"
-    torch.save({"model": model.state_dict(), "head": None, "member": {"name": "m", "model": CFG}}, path)
-    paths = [images["a"], images["b"]]
-    ref = embed_images(model, paths, 64, tta_hflip=True, progress=False)
-    got = embed_checkpoint(path, paths, tta_hflip=True, progress=False, batch_size=8)
-    assert np.allclose(got, ref, atol=1e-6)

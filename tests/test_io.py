@@ -34,7 +34,6 @@ def test_read_image_rgb_and_clear_errors(tmp_path):
     out = io.read_image(good)
     assert out.shape == (20, 30, 3) and out.dtype == np.uint8
     assert out[..., 0].mean() > 200 and out[..., 2].mean() < 50  # RGB order
-    assert io.image_size(good) == (30, 20)
 
     trunc = tmp_path / "trunc.jpg"
     trunc.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
