@@ -169,11 +169,11 @@ def main(argv=None) -> int:
     base = runs / "baseline"
     wall = run_make(raw, base, args.config, args.set)
     rows.append(row_of("baseline", "the profile as configured", base, raw, wall))
-    scores = read_json(Paths(raw, base).scores_json)["scores"]
-    for n in scores:  # the baseline's other rankings: each member alone, and with re-ranking the
-        if n != rows[0]["embedding"]:  # meta-embedding alone (global only) and local matching alone
+    base_scores = read_json(Paths(raw, base).scores_json)
+    for n in base_scores["scores"]:  # the baseline's other rankings: each member alone, and with re-ranking
+        if n != rows[0]["embedding"]:  # the meta-embedding alone (global only) and local matching alone
             what = ("local-feature score only" if n.endswith("+local") else "meta-embedding, no re-ranking"
-                    if n == read_json(Paths(raw, base).scores_json)["final"] else "one member alone")
+                    if n == base_scores["final"] else "one member alone")
             rows.append(row_of(f"embedding:{n}", what, base, raw, None, n))
     for name in chosen:
         v = table[name]

@@ -329,8 +329,8 @@ def parse_stage_args(description: str | None, argv=None, extra=None):
     except DataDirError as e:
         ap.exit(1, f"error: {e}\n")
     prepare_environment(cfg, paths)
-    hub = sorted({m["model"]["backbone"] for m in map(lambda n: member_config(cfg, n), member_names(cfg))
-                  if str(m["model"]["pretrained"]) == "hub"})
+    members = [member_config(cfg, n)["model"] for n in member_names(cfg)]
+    hub = sorted({m["backbone"] for m in members if str(m["pretrained"]) == "hub"})
     if hub:  # first seconds of the first stage, not minutes of download retries in stage 03
         from .weights import WeightsError, check_hub
 

@@ -23,9 +23,17 @@ def nearest_identities(q_emb, db_emb, db_ids: Sequence[str], n: int = 2):
     ``(ids (nq, n) object, sims (nq, n) float; '' / -inf where fewer exist)``. new_whale skipped."""
     db_emb, q_emb = l2_normalize(db_emb), l2_normalize(q_emb)
     scores, idx = search(db_emb, q_emb, max(1, id_search_depth(20, len(db_emb) + 1)), gpu="auto")
-    ids, sims = rank_identities(scores, idx, db_ids, n=n)
-    out_ids = np.full((len(q_emb), n), "", dtype=object)
-    out_sims = np.full((len(q_emb), n), -np.inf)
+    return padded(*rank_identities(scores, idx, db_ids, n=n), n)
+
+
+def padded(ids, sims, n: int):
+    """Ragged per-query identity lists as ``(nq, n)`` arrays, '' / -inf where a query has fewer.
+
+    >>> padded([["a"], ["b", "c"]], [[0.9], [0.8, 0.5]], 2)[1].tolist()
+    [[0.9, -inf], [0.8, 0.5]]
+    """
+    out_ids = np.full((len(ids), n), "", dtype=object)
+    out_sims = np.full((len(ids), n), -np.inf)
     for r, (i, s) in enumerate(zip(ids, sims)):
         out_ids[r, : len(i)] = i
         out_sims[r, : len(s)] = s

@@ -428,13 +428,9 @@ def fused_nearest_identities(emb, table, scorer: LocalScorer, cal: Calibration, 
     idx = np.where(i >= 0, db_rows[np.clip(i, 0, None)], -1)
     inl = scorer.scores(list(q_rows) if q_keys is None else q_keys, idx, "local matching (pseudo-labels)")
     f, idx = reorder(cal.fuse(s, inl), idx)
-    ids, sims = rank_identities(f, idx, table["Id"].to_numpy(object), n=n)
-    out_ids = np.full((len(qe), n), "", dtype=object)
-    out_sims = np.full((len(qe), n), -np.inf)
-    for r, (a, b) in enumerate(zip(ids, sims)):
-        out_ids[r, : len(a)] = a
-        out_sims[r, : len(b)] = b
-    return out_ids, out_sims
+    from .pseudo import padded
+
+    return padded(*rank_identities(f, idx, table["Id"].to_numpy(object), n=n), n)
 
 
 def fused_ranker(cfg: dict, paths, table: pd.DataFrame, emb, groups=None, log=print):
