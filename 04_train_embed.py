@@ -6,7 +6,9 @@ trains on clean/train.csv (train.fit: local = train_local rows validated on the 
 full = every train_full row without validation), on fluke crops when stage 02 made them. The
 untrained model.pretrained backbone (ImageNet) is scored first: the baseline to beat (train.baseline).
 Writes models/<member>/ (best.pt, last.pt, history.csv, curves.png, augment.png, config.json, tb/) and
-updates models/summary.json (best checkpoint, scores and baseline per member).
+updates models/summary.json (best checkpoint, scores and baseline per member). A member that ends
+below its untrained backbone is flagged loudly; with train.below_baseline: frozen (the default) its
+checkpoint in the summary is then models/<member>/frozen.pt, the backbone's pooled features.
 `--lr-find` only sweeps the learning rate (models/<member>/lr_find.png) and prints a suggestion.
 """
 
@@ -43,15 +45,16 @@ def main() -> int:
             continue
         val_df = tables.val_frame(paths, "train", use_crops=crops) if fit == "local" else None
         baseline = old.get(name, {}).get("baseline") if args.resume else None  # measured by the first run
-        if baseline is None and val_df is not None and member["train"]["baseline"]:
-            baseline = training.frozen_baseline(member, val_df, cfg["device"], member["train"]["batch_embed"],
-                                                cfg["num_workers"])
-            print(f"{name} baseline (untrained {member['model']['pretrained']} backbone): "
-                  + ", ".join(f"{k} {baseline[k]:.4f}" for k in training.METRICS))
         result = training.fit(member, train_df, val_df, paths.member_dir(name), resume=args.resume,
-                              deterministic=cfg["deterministic"], **kw)
-        entry = training.summary_entry(result, result["best"], len(train_df), init=init)
-        summary["members"][name] = dict(entry, baseline=baseline)
+                              deterministic=cfg["deterministic"], cache_dir=paths.trunk_cache_dir,
+                              baseline=baseline is None and member["train"]["baseline"], **kw)
+        baseline = baseline or result["baseline"]
+        entry = dict(training.summary_entry(result, result["best"], len(train_df), init=init), baseline=baseline)
+        policy = member["train"]["below_baseline"]
+        if training.warn_below_baseline(name, entry["metrics"], baseline, member["train"]["metric"], policy) \
+                and policy == "frozen":  # 05 and 06 then embed with the untrained backbone's pooled features
+            entry.update(ckpt=str(training.save_frozen(member, paths.member_dir(name) / "frozen.pt")), fallback="frozen")
+        summary["members"][name] = entry
     if not args.lr_find:
         write_json(paths.members_summary, summary)
         print(f"wrote {paths.members_summary}")

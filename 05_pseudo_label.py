@@ -31,7 +31,11 @@ def main() -> int:
     from common.pseudo import run_rounds
 
     names, enabled = member_names(cfg), bool(cfg["pseudo"]["enabled"])
-    eligible = [n for n in names if member_config(cfg, n)["pseudo"]]
+    frozen = {n for n, e in read_json(paths.members_summary).get("members", {}).items() if e.get("fallback")} \
+        if paths.members_summary.exists() else set()
+    for n in sorted(frozen & set(names)):
+        print(f"05: {n} fell back to its frozen backbone in stage 04 (train.below_baseline): not retrained")
+    eligible = [n for n in names if member_config(cfg, n)["pseudo"] and n not in frozen]
     chosen = [args.model] if args.model else eligible
     if args.model and args.model not in eligible:
         raise ConfigError(f"--model {args.model}: not a member with pseudo: true ({', '.join(eligible) or 'none'})")

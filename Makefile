@@ -5,13 +5,22 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-PROFILE ?= demo
-CONFIG  ?= configs/$(PROFILE).yaml
 RAW     ?= data/raw
 DATA    ?= data
 SET     ?=
 MODEL   ?=
 PYTHON  ?= python3
+# PROFILE not named: demo for the embedded demo, full on a CUDA machine, cpu otherwise (common/profile.py
+# prints which and why); only for the targets that run the pipeline.
+PIPELINE_GOALS := all demo 00 01 02 03 04 05 06 predict report bench bench-targets
+ifeq ($(origin PROFILE),undefined)
+  ifneq ($(filter $(PIPELINE_GOALS),$(MAKECMDGOALS)),)
+    PROFILE := $(shell $(PYTHON) -m common.profile $(RAW))
+  else
+    PROFILE := demo
+  endif
+endif
+CONFIG  ?= configs/$(PROFILE).yaml
 VENV    := .venv
 PY      := $(VENV)/bin/python
 VENV_OK := $(VENV)/.stamp
@@ -41,7 +50,7 @@ REPORT := $(DATA)/report/index.html
 .PHONY: help all setup test bench bench-targets bench-speed clean demo predict report tensorboard browser FORCE $(STAGES)
 
 help:  ## list targets
-	@echo "Usage: make <target> [PROFILE=demo|full|tiny] [RAW=dir] [DATA=dir] [SET=\"key=value ...\"] [MODEL=name]"
+	@echo "Usage: make <target> [PROFILE=demo|cpu|full|tiny] [RAW=dir] [DATA=dir] [SET=\"key=value ...\"] [MODEL=name]"
 	@echo
 	@grep -hE '^[0-9a-z_-]+:.*## ' $(firstword $(MAKEFILE_LIST)) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
 	@echo "00..06  rerun one stage now (03/04/05 accept MODEL=name)"

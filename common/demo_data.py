@@ -10,6 +10,7 @@ writes a complete competition into DIR (refused when DIR already has a train.csv
     DIR/pretrain/train.csv     a related dataset: another population, sea and camera
     DIR/pretrain/train/*.jpg
     DIR/.truth/test.csv        Image,Id of every test photo (withheld truth for local scoring)
+    DIR/.demo.json             the demo config and counts (marks the folder as the demo: PROFILE=demo)
 
 Every individual has its own fluke: outline (lobe sweep and chord, median notch, ragged
 trailing edge, nicks, sometimes a missing tip) and a black/white underside pattern (white
@@ -46,6 +47,7 @@ into place.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shutil
@@ -65,7 +67,7 @@ from .metrics import NEW_WHALE
 BOX_COLUMNS = ["label_name", "bbox_x", "bbox_y", "bbox_width", "bbox_height", "image_name", "image_width",
                "image_height"]
 # Top-level entries the generator writes; train.csv is moved into place last (it marks "done").
-ENTRIES = ("train", "test", "pretrain", "boxes.csv", ".truth", "train.csv")
+ENTRIES = ("train", "test", "pretrain", "boxes.csv", ".truth", ".demo.json", "train.csv")
 
 class DemoError(PipelineError, ValueError):
     """Bad demo config or output folder; the message names it."""
@@ -298,6 +300,8 @@ def generate(out_dir, demo_cfg: dict | None = None, progress: bool = True) -> di
         photos, dirt = make_plan(cfg)
         boxes = _render_all(photos, dirt, cfg, tmp, progress)
         summary = _write_tables(photos, dirt, boxes, cfg, tmp)
+        # marks the folder as the synthetic demo: `make all` then picks PROFILE=demo (common/profile.py)
+        (tmp / ".demo.json").write_text(json.dumps({"demo": cfg, "counts": summary}, indent=1, sort_keys=True) + "\n")
         summary["bytes"] = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
         _move_into(tmp, out)
     finally:

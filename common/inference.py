@@ -47,14 +47,12 @@ def embed_images(model, image_paths, img_size, batch_size: int = 64, device="cpu
     amp_dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16
     was_training = model.training
     model.to(dev).eval()
-    if cuda:
-        model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.channels_last)  # faster with oneDNN on CPU too (1.6x for lite0 at 224 px)
     row = 0
     try:
         for x in tqdm(loader, desc=desc, disable=not progress, unit="batch", leave=False):
             x = x.to(dev, non_blocking=True)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(dev.type, dtype=amp_dtype, enabled=cuda):
                 e = model(x).float()
                 if tta_hflip:

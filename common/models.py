@@ -64,19 +64,43 @@ class EmbeddingNet(nn.Module):
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone feature map pooled to (B, feat_dim)."""
-        f = self.backbone.forward_features(x)
+        return self.pool_map(self.backbone.forward_features(x))
+
+    def pool_map(self, f: torch.Tensor) -> torch.Tensor:
+        """A backbone feature map (B, C, H, W), or tokens (B, N, C), pooled to (B, feat_dim)."""
         if f.ndim == 3:  # token models (B, N, C): pool over tokens
             f = f.transpose(1, 2).unsqueeze(-1)
         return self.pool(f)
 
-    def forward(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        e = self.neck(self.pooled(x).to(self.neck[1].weight.dtype))
+    def embed_map(self, f: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """The embedding of a backbone feature map: pooling, neck, L2 (common/trunk.py trains
+        the top stages on cached trunk outputs through this)."""
+        e = self.neck(self.pool_map(f).to(self.neck[1].weight.dtype))
         return F.normalize(e.float(), dim=1) if normalize else e
+
+    def forward(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.embed_map(self.backbone.forward_features(x), normalize)
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters for discriminative learning rates: backbone vs. neck (pooling included)."""
         return {"backbone": list(self.backbone.parameters()),
                 "neck": list(self.pool.parameters()) + list(self.neck.parameters())}
+
+
+class PooledBackbone(nn.Module):
+    """An EmbeddingNet's backbone + pooling only, L2-normalised: the untrained-neck baseline
+    (``top``: only the backbone's top stages, for inputs that are cached trunk outputs)."""
+
+    def __init__(self, net, top=None):
+        super().__init__()
+        self.net, self.top = net, top
+        self.mean, self.std, self.img_size, self.emb_dim = net.mean, net.std, net.img_size, net.feat_dim
+
+    def forward(self, x):
+        return self.embed_map(self.net.backbone.forward_features(x))
+
+    def embed_map(self, f):
+        return nn.functional.normalize(self.net.pool_map(self.top(f) if self.top is not None else f).float(), dim=1)
 
 
 def build_model(model_cfg: dict) -> EmbeddingNet:
@@ -143,4 +167,6 @@ def load_checkpoint(path, map_location="cpu") -> tuple[EmbeddingNet, dict]:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
         raise weights.WeightsError(f"checkpoint {path} does not match its own model config: {e}") from None
+    if ckpt.get("output") == "pooled":  # a frozen-backbone fallback (train.below_baseline: frozen)
+        return PooledBackbone(model).eval(), ckpt
     return model.eval(), ckpt

@@ -75,6 +75,8 @@ class Paths:
         self.pretrain_summary = self.models_dir / "pretrain" / "summary.json"
         # Stage 04 done-marker: JSON with each member's best checkpoint and validation scores.
         self.members_summary = self.models_dir / "summary.json"
+        # Frozen-trunk feature caches (train.cache_trunk), shared by 03/04/05 runs with the same trunk.
+        self.trunk_cache_dir = self.models_dir / "trunk_cache"
 
         # ---- 05 pseudo labels --------------------------------------------------------------------
         self.pseudo_dir = self.data / "pseudo"

@@ -211,12 +211,20 @@ def id_search_depth(k: int, n_db: int) -> int:
     return max(0, min(n_db - 1, max(k, 100)))
 
 
-def evaluate_embeddings(emb, ids, is_query, k: int = 20) -> dict:
+def evaluate_embeddings(emb, ids, is_query, k: int = 20, subsets: dict | None = None) -> dict:
     """Local-validation scores ``{"map20", "top1", "hit20", "map5", "n_queries"}``.
 
     ``emb``/``ids``/``is_query`` describe the whole database; queries are the ``is_query`` rows,
     each excluded from its own list; relevant = same Id, never new_whale. Queries without a
     relevant database image are skipped for map20 and count as misses elsewhere.
+    ``subsets = {name: row mask}`` adds ``<metric>_<name>`` scores (and ``n_queries_<name>``) of
+    the queries in each mask, e.g. identities seen and unseen in training.
+
+    >>> e = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0.8, 0, 0.6], [0, 0, 1]])
+    >>> seen = np.array([1, 1, 1, 1, 0, 0], bool)  # "c" (its query closer to "a") never trained
+    >>> r = evaluate_embeddings(e, ["a", "a", "b", "b", "c", "c"], [1, 0, 1, 0, 1, 0], subsets={"seen": seen, "unseen": ~seen})
+    >>> round(r["top1"], 3), r["top1_seen"], r["top1_unseen"], r["n_queries_seen"], r["n_queries_unseen"]
+    (0.667, 1.0, 0.0, 2, 1)
     """
     emb = l2_normalize(emb)
     ids = np.asarray(ids, dtype=object)
@@ -228,4 +236,11 @@ def evaluate_embeddings(emb, ids, is_query, k: int = 20) -> dict:
         return {"map20": 0.0, "top1": 0.0, "hit20": 0.0, "map5": 0.0, "n_queries": 0}
     kk = max(k, id_search_depth(k, len(emb)))
     scores, idx = search(emb, emb[q], kk, exclude=q, gpu=False)
-    return evaluate_search(scores, idx, ids[q], ids, k=k)
+    out = evaluate_search(scores, idx, ids[q], ids, k=k)
+    for name, mask in (subsets or {}).items():
+        sel = np.asarray(mask, bool)[q]
+        if sel.any():
+            part = evaluate_search(scores[sel], idx[sel], ids[q][sel], ids, k=k)
+            out.update({f"{m}_{name}": part[m] for m in ("map20", "top1", "hit20")})
+        out[f"n_queries_{name}"] = int(sel.sum())
+    return out

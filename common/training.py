@@ -42,12 +42,22 @@ from .datasets import FlukeDataset, encode_labels, hflip_mode, make_loader
 from .inference import embed_images
 from .io import save_figure, save_torch, write_csv, write_json
 from .losses import MetricLoss
-from .models import build_model
+from .models import PooledBackbone, build_model
 from .retrieval import evaluate_embeddings
 from .runtime import resolve_device, seed_everything
 from .samplers import PKSampler
+from .trunk import cached_trunk, freeze, split_backbone
 
 METRICS = ("map20", "map5", "top1", "hit20")
+
+
+def scores_of(row: dict) -> dict:
+    """The validation scores of a history row: METRICS, query counts, seen/unseen splits.
+
+    >>> scores_of({"epoch": 1, "loss": 2.0, "top1": 0.5, "top1_unseen": 0.25, "n_queries": 8})
+    {'top1': 0.5, 'top1_unseen': 0.25, 'n_queries': 8}
+    """
+    return {k: v for k, v in row.items() if k.split("_")[0] in (*METRICS, "n")}
 
 
 # ---- schedule -------------------------------------------------------------------------------
@@ -159,7 +169,11 @@ def _setup(member: dict, train_df: pd.DataFrame, init, device, state=None) -> Si
     cuda = device.type == "cuda"
     model.to(device)
     loss_fn.to(device)
-    channels_last = cuda and bool(tcfg["channels_last"])
+    trunk = top = None
+    if tcfg["trainable_blocks"] is not None:  # frozen trunk, trainable top (common/trunk.py)
+        trunk, top = split_backbone(model.backbone, int(tcfg["trainable_blocks"]))
+        freeze(trunk)
+    channels_last = bool(tcfg["channels_last"])
     if channels_last:
         model.to(memory_format=torch.channels_last)
     amp_dtype = None
@@ -170,13 +184,14 @@ def _setup(member: dict, train_df: pd.DataFrame, init, device, state=None) -> Si
     return SimpleNamespace(
         model=model, loss_fn=loss_fn, opt=build_optimizer(model, loss_fn, tcfg), device=device,
         classes=classes, labels=labels, flip=flip, channels_last=channels_last, amp_dtype=amp_dtype,
-        freeze_bn=bool(tcfg["freeze_bn"]),
+        freeze_bn=bool(tcfg["freeze_bn"]), trunk=trunk, top=top, cache=None,
+        cache_views=int(tcfg["cache_views"]) if trunk is not None and tcfg["cache_trunk"] else 0,
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         dataset=FlukeDataset(train_df["path"], labels, mirror_offset=len(classes) if flip else 0),
         sampler=PKSampler(labels, max(P, 1), K, seed=int(member["seed"]), flip=flip))
 
 
-def train_mode(model, freeze_bn: bool = False) -> None:
+def train_mode(model, freeze_bn: bool = False, trunk=None) -> None:
     """``model.train()``; with ``freeze_bn`` the backbone's BatchNorm layers stay in eval mode (their
     ImageNet/stage-03 running statistics are used and kept, as metric-learning fine-tuning with
     small PK batches usually does), so training and inference see the same backbone."""
@@ -185,6 +200,8 @@ def train_mode(model, freeze_bn: bool = False) -> None:
         for m in model.backbone.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.eval()
+    if trunk is not None:  # a frozen trunk keeps its statistics and gives what its cache holds
+        trunk.eval()
 
 
 def _train_transform(run, member: dict, size):
@@ -200,7 +217,7 @@ def _step(run, x, y, lr_per_group, grad_clip) -> tuple[float, dict]:
     if run.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-        emb = run.model(x)
+        emb = run.model.embed_map(run.top(x)) if run.cache is not None else run.model(x)
     loss, parts = run.loss_fn(emb, y)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss.item()} (parts {parts}); lower train.lr or check the data")
@@ -233,17 +250,22 @@ def imprint_head(run, size, batch_size: int = 64, num_workers: int = 0, seed: in
     dataset = FlukeDataset(run.dataset.paths, run.labels, plain, run.dataset.mirror_offset)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=[keys[i] for i in order], num_workers=num_workers,
                         drop_last=len(keys) % batch_size == 1)  # BatchNorm cannot take a batch of one
-    train_mode(run.model, run.freeze_bn)
+    train_mode(run.model, run.freeze_bn, run.trunk)
     for m in run.model.modules():
         if isinstance(m, nn.Dropout):
             m.eval()
     sums = torch.zeros(head.n_classes, run.model.emb_dim, device=run.device)
+    if run.cache is not None:  # the plain cached view of each image (and of its mirror)
+        offset = run.dataset.mirror_offset
+        batches = [([keys[i] for i in order[b:b + batch_size]]) for b in range(0, len(keys), batch_size)]
+        loader = [(run.cache.batch([(i, f, 0) for i, f in kb]),
+                   torch.as_tensor([int(run.labels[i]) + (offset if f else 0) for i, f in kb])) for kb in batches]
     for x, y in tqdm(loader, desc="imprint head", disable=not progress, leave=False):
         x = x.to(run.device)
         if run.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-            emb = run.model(x)
+            emb = run.model.embed_map(run.top(x)) if run.cache is not None else run.model(x)
         sums.index_add_(0, y.to(run.device), emb.float())
     seen = sums.norm(dim=1) > 0
     centres = nn.functional.normalize(sums, dim=1).repeat_interleave(head.k, dim=0)
@@ -255,35 +277,83 @@ def imprint_head(run, size, batch_size: int = 64, num_workers: int = 0, seed: in
 
 # ---- validation -------------------------------------------------------------------------------
 def evaluate(model, val_df: pd.DataFrame, img_size, device="cpu", batch_size: int = 64, num_workers: int = 0,
-             progress: bool = True) -> dict:
-    """Local-validation scores of ``model`` over ``val_df`` (path, Id, is_query), no TTA."""
+             progress: bool = True, seen=None, cached=None) -> dict:
+    """Local-validation scores of ``model`` over ``val_df`` (path, Id, is_query), no TTA.
+
+    ``seen`` (identities the model trains on) adds the scores of the queries of seen and of
+    unseen identities (``top1_seen``, ``map20_unseen``, ...): only the unseen ones say whether
+    the embedding generalises to new individuals. ``cached = (top, plain trunk features)`` embeds
+    from a :class:`common.trunk.TrunkCache` instead of the images."""
     was_training = model.training
-    emb = embed_images(model, list(val_df["path"]), img_size, batch_size=batch_size, device=device,
-                       tta_hflip=False, num_workers=num_workers, progress=progress, desc="validate")
+    if cached is not None:
+        emb = _embed_cached(model, *cached, batch_size=batch_size, device=device)
+    else:
+        emb = embed_images(model, list(val_df["path"]), img_size, batch_size=batch_size, device=device,
+                           tta_hflip=False, num_workers=num_workers, progress=progress, desc="validate")
     model.train(was_training)
-    return evaluate_embeddings(emb, val_df["Id"].to_numpy(), val_df["is_query"].to_numpy().astype(bool), k=20)
+    ids, is_query = val_df["Id"].to_numpy(), val_df["is_query"].to_numpy().astype(bool)
+    subsets = None
+    if seen is not None:
+        known = np.isin(ids.astype(str), np.asarray(list(seen), dtype=str))
+        subsets = {"seen": known, "unseen": ~known}
+    return evaluate_embeddings(emb, ids, is_query, k=20, subsets=subsets)
 
 
-class PooledBackbone(nn.Module):
-    """An EmbeddingNet's backbone + pooling only, L2-normalised: the untrained-neck baseline."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-        self.mean, self.std, self.img_size, self.emb_dim = net.mean, net.std, net.img_size, net.feat_dim
-
-    def forward(self, x):
-        return nn.functional.normalize(self.net.pooled(x).float(), dim=1)
+@torch.no_grad()
+def _embed_cached(model, top, feats: torch.Tensor, batch_size: int = 64, device="cpu") -> np.ndarray:
+    model.eval()
+    top.eval()
+    out = [model.embed_map(top(feats[i:i + batch_size].float().to(device).contiguous(memory_format=torch.channels_last))).cpu()
+           for i in range(0, len(feats), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.emb_dim), np.float32)
 
 
 def frozen_baseline(member: dict, val_df: pd.DataFrame, device=None, batch_size: int = 64, num_workers: int = 0,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, seen=None) -> dict:
     """Scores of the member's backbone with its configured (e.g. ImageNet) weights and no
     training: pooled backbone features, at the member's image size. The bar training must beat."""
     device = resolve_device(device)
     model = build_model(member["model"]).to(device).eval()
     return evaluate(PooledBackbone(model), val_df, member["model"]["img_size"], device, batch_size,
-                    num_workers, progress)
+                    num_workers, progress, seen=seen)
+
+
+def below_baseline(metrics: dict, baseline: dict | None, metric: str = "map20") -> bool:
+    """True when the trained scores fall below the untrained backbone's on ``metric``.
+
+    >>> below_baseline({"map20": 0.03}, {"map20": 0.05}), below_baseline({"map20": 0.06}, {"map20": 0.05}), below_baseline({}, None)
+    (True, False, False)
+    """
+    if not baseline or metric not in baseline or metric not in metrics:
+        return False
+    return float(metrics[metric]) < float(baseline[metric])
+
+
+def warn_below_baseline(name: str, metrics: dict, baseline: dict | None, metric: str = "map20",
+                        policy: str = "keep") -> bool:
+    """Say loudly (stderr) when training did not help; returns :func:`below_baseline`."""
+    import sys
+
+    if policy not in ("keep", "frozen"):
+        raise ConfigError(f"train.below_baseline must be 'frozen' or 'keep', not {policy!r}")
+    if not below_baseline(metrics, baseline, metric):
+        return False
+    then = {"keep": "it is used as trained (train.below_baseline: keep)",
+            "frozen": "stages 05/06 use its frozen backbone features instead (train.below_baseline: frozen)"}[policy]
+    bar = "!" * 100
+    print(f"{bar}\nWARNING: {name} trained to local-validation {metric} {metrics[metric]:.4f}, BELOW its untrained "
+          f"backbone ({baseline[metric]:.4f}):\ntraining did not help; {then}.\nTry the cpu/full profile's recipe, "
+          f"a lower train.lr, a larger model.img_size or train.trainable_blocks.\n{bar}", file=sys.stderr)
+    return True
+
+
+def save_frozen(member: dict, dest) -> Path:
+    """A checkpoint of the member's untrained ``model.pretrained`` backbone whose embedding is its
+    pooled features (load_checkpoint gives a :class:`common.models.PooledBackbone`): the fallback
+    of ``train.below_baseline: frozen``."""
+    model = build_model(member["model"])
+    return save_torch(dest, {"model": model.state_dict(), "member": member, "output": "pooled", "classes": [],
+                             "epoch": 0, "init": member["model"]["pretrained"]})
 
 
 # ---- logs -------------------------------------------------------------------------------------
@@ -350,11 +420,15 @@ def _log_epoch(writer, row: dict) -> None:
 # ---- the loop ---------------------------------------------------------------------------------
 def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_dir, *, init=None, device=None,
         resume: bool = False, epochs: int | None = None, stop_after: int | None = None, num_workers: int = 0,
-        deterministic: bool = False, progress: bool = True) -> dict:
+        deterministic: bool = False, progress: bool = True, cache_dir=None, baseline: bool = False) -> dict:
     """Train ``member`` on ``train_df`` (path, Id), validating on ``val_df`` (path, Id, is_query)
     or not at all (None: last.pt is also best.pt). ``epochs`` overrides ``train.epochs``;
     ``stop_after`` ends this call after that many epochs (the schedule still spans all of them;
-    continue with ``resume=True``). Returns ``{"best", "last", "metrics", "history", "best_epoch"}``."""
+    continue with ``resume=True``). ``cache_dir``: where frozen-trunk feature caches are kept
+    (``train.cache_trunk``; None = not kept). ``baseline``: also score the untrained
+    ``model.pretrained`` backbone (:func:`frozen_baseline`; from the trunk cache when the run
+    starts from those weights). Returns ``{"best", "last", "metrics", "history", "best_epoch"}``
+    (+ ``"baseline"``)."""
     from torch.utils.tensorboard import SummaryWriter
 
     member = copy.deepcopy(member)
@@ -368,6 +442,7 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
     seed_everything(seed, deterministic)
     state = _resume_state(out_dir / "last.pt", train_df, member["name"], n_epochs) if resume else None
     run = _setup(member, train_df, init, device, state)
+    run.cache_dir = cache_dir
     start = int(state["epoch"]) if state else 0
     history = list(state["history"]) if state else []
     best = dict(state["best"]) if state else {"score": -math.inf, "epoch": 0, "metrics": {}}
@@ -385,9 +460,20 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
             "n_classes": len(run.classes) * (2 if run.flip else 1), "n_val": 0 if val_df is None else len(val_df)})
     writer = SummaryWriter(str(out_dir / "tb"), purge_step=run.step if state else None)
     emb_kw = dict(device=device, batch_size=int(tcfg["batch_embed"]), num_workers=num_workers,
-                  progress=progress)
+                  progress=progress, seen=run.classes)
+    size = size_at(phases, start)
+    loader, val_rows = _prepare_phase(run, member, size, val_df, num_workers, progress)
+    base = None
+    if baseline and val_df is not None:
+        if val_rows is not None and init is None and state is None:  # the trunk holds model.pretrained weights
+            base = evaluate(PooledBackbone(run.model, run.top), val_df, size, cached=(nn.Identity(), run.cache.plain_features(val_rows)),
+                            **emb_kw)
+        else:
+            base = frozen_baseline(member, val_df, device, emb_kw["batch_size"], num_workers, progress, run.classes)
+        print(f"{member['name']} baseline (untrained {member['model']['pretrained']} backbone): "
+              + ", ".join(f"{k} {base[k]:.4f}" for k in (*METRICS, "top1_unseen") if k in base))
     if start == 0 and val_df is not None and tcfg["eval_init"]:
-        history = [{"epoch": 0, "img_size": phases[0][0], **evaluate(run.model, val_df, phases[0][0], **emb_kw)}]
+        history = [{"epoch": 0, "img_size": phases[0][0], **_validate(run, val_df, size, val_rows, emb_kw)}]
         _log_epoch(writer, history[0])
     if start == 0 and tcfg["imprint"] and n_epochs:
         imprint_head(run, phases[0][0], emb_kw["batch_size"], num_workers, seed, progress)
@@ -395,12 +481,12 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
     sched = dict(total=n_epochs, warmup=float(tcfg["warmup_epochs"] or 0),
                  schedule=tcfg["schedule"], floor=float(tcfg["min_lr_frac"]), cycle=float(tcfg["sgdr_cycle"]),
                  mult=float(tcfg["sgdr_mult"]))
-    size, end = None, n_epochs if stop_after is None else min(n_epochs, start + int(stop_after))
+    end = n_epochs if stop_after is None else min(n_epochs, start + int(stop_after))
+    patience = int(tcfg["patience"]) if tcfg["patience"] else None
     for epoch in range(start, end):
-        if size_at(phases, epoch) != size:  # a new progressive-resizing phase (or the first epoch)
+        if size_at(phases, epoch) != size:  # a new progressive-resizing phase
             size = size_at(phases, epoch)
-            run.dataset.transform = _train_transform(run, member, size)
-            loader = make_loader(run.dataset, run.sampler, num_workers, device.type == "cuda")
+            loader, val_rows = _prepare_phase(run, member, size, val_df, num_workers, progress)
         t0 = time.time()
         row = {"epoch": epoch + 1, "img_size": size,
                **_train_epoch(run, loader, epoch, sched, tcfg, writer, f"{member['name']} epoch {epoch + 1}/{n_epochs} "
@@ -408,7 +494,7 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
         every = int(tcfg["val_every"] or 1)
         validate = val_df is not None and ((epoch + 1) % every == 0 or epoch + 1 == n_epochs)
         if validate:
-            row.update(evaluate(run.model, val_df, size, **emb_kw))
+            row.update(_validate(run, val_df, size, val_rows, emb_kw))
         row["time_s"] = round(time.time() - t0, 1)
         history.append(row)
         _log_epoch(writer, row)
@@ -417,19 +503,69 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
         improved = val_df is None or (validate and (best["epoch"] == 0 or score > best["score"]))
         if improved:
             best = {"score": score, "epoch": epoch + 1,
-                    "metrics": {k: row[k] for k in (*METRICS, "n_queries") if k in row}}
+                    "metrics": scores_of(row)}
         _save(run, member, out_dir, history, best, improved, sched, phases, init)
         plot_history(history, out_dir / "curves.png", f"{member['name']}: {tcfg['loss']} on {len(train_df)} images")
         print(f"{member['name']} epoch {epoch + 1}/{n_epochs}: " + ", ".join(
-            f"{k} {row[k]:.4f}" for k in ("loss", *METRICS) if k in row) + f" ({row['time_s']}s)")
+            f"{k} {row[k]:.4f}" for k in ("loss", *METRICS, "top1_unseen") if k in row) + f" ({row['time_s']}s)")
+        if patience and validate and epoch + 1 - best["epoch"] >= patience:
+            print(f"{member['name']}: no better {tcfg['metric']} for {patience} epochs (train.patience): "
+                  f"stopping after epoch {epoch + 1}, best epoch {best['epoch']}")
+            break
     if n_epochs == 0:  # train.epochs: 0 - the starting weights are the result (e.g. a frozen-backbone baseline)
         history = history or [{"epoch": 0, "img_size": phases[0][0]}]
         best = {"score": history[0].get(tcfg["metric"], -math.inf), "epoch": 0,
-                "metrics": {k: history[0][k] for k in (*METRICS, "n_queries") if k in history[0]}}
+                "metrics": scores_of(history[0])}
         _save(run, member, out_dir, history, best, True, sched, phases, init)
     writer.close()
     return {"best": str(out_dir / "best.pt"), "last": str(out_dir / "last.pt"), "metrics": best["metrics"],
-            "history": history, "best_epoch": best["epoch"]}
+            "history": history, "best_epoch": best["epoch"], "baseline": base}
+
+
+def _prepare_phase(run, member: dict, size, val_df, num_workers: int, progress: bool):
+    """Training batches at ``size``: a DataLoader over augmented images, or with a frozen, cached
+    trunk (``train.cache_trunk``) a :class:`common.trunk.TrunkCache` over the training and
+    validation images. Returns ``(loader, validation rows of the cache or None)``."""
+    if not run.cache_views:
+        run.dataset.transform = _train_transform(run, member, size)
+        return make_loader(run.dataset, run.sampler, num_workers, run.device.type == "cuda"), None
+    paths = list(run.dataset.paths)
+    index = {p: i for i, p in enumerate(paths)}
+    val_rows = None
+    if val_df is not None:
+        for p in val_df["path"]:
+            index.setdefault(str(p), len(index))
+        paths = list(index)
+        val_rows = torch.as_tensor([index[str(p)] for p in val_df["path"]])
+    t0 = time.time()
+    run.cache, reused = cached_trunk(
+        run.cache_dir, run.trunk, paths, range(len(run.dataset.paths)), size, run.model.mean, run.model.std,
+        views=run.cache_views, strength=float(member["augment"]["strength"]), flip=run.flip, seed=int(member["seed"]),
+        device=run.device, batch_size=int(member["train"]["batch_embed"]), progress=progress, num_workers=num_workers)
+    print(f"{member['name']}: trunk cache of {len(paths)} images x {run.cache_views} views at {size}px "
+          f"({run.cache.nbytes() / 2**20:.0f} MiB) {'reused' if reused else 'built'} in {time.time() - t0:.0f}s")
+    return _CachedBatches(run), val_rows
+
+
+class _CachedBatches:
+    """PK batches of cached trunk features: ``(features, labels)`` per sampler batch."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def __len__(self) -> int:
+        return len(self.run.sampler)
+
+    def __iter__(self):
+        run, offset = self.run, self.run.dataset.mirror_offset
+        for keys in run.sampler:
+            y = torch.as_tensor([int(run.labels[i]) + (offset if f else 0) for i, f, _ in keys])
+            yield run.cache.batch(keys), y
+
+
+def _validate(run, val_df, size, val_rows, emb_kw: dict) -> dict:
+    cached = None if val_rows is None else (run.top, run.cache.plain_features(val_rows))
+    return evaluate(run.model, val_df, size, cached=cached, **emb_kw)
 
 
 def _resume_state(last_path: Path, train_df: pd.DataFrame, name: str, n_epochs: int) -> dict | None:
@@ -446,7 +582,7 @@ def _resume_state(last_path: Path, train_df: pd.DataFrame, name: str, n_epochs: 
 def _train_epoch(run, loader, epoch: int, sched: dict, tcfg: dict, writer, desc: str, progress: bool) -> dict:
     """One pass over the PK batches of ``epoch``; returns the mean losses and the last LR."""
     run.sampler.set_epoch(epoch)
-    train_mode(run.model, run.freeze_bn)
+    train_mode(run.model, run.freeze_bn, run.trunk)
     run.loss_fn.train()
     lr, sums, n, f = float(tcfg["lr"]), {}, 0, 1.0
     bar = tqdm(loader, desc=desc, disable=not progress)
@@ -507,7 +643,7 @@ def lr_find(member: dict, train_df: pd.DataFrame, out_png, *, init=None, device=
     if member["train"]["imprint"]:
         imprint_head(run, size, int(member["train"]["batch_embed"]), num_workers, progress=progress)
     run.dataset.transform = _train_transform(run, member, size)
-    train_mode(run.model, run.freeze_bn)
+    train_mode(run.model, run.freeze_bn, run.trunk)
     lrs, losses, avg = [], [], 0.0
     for i, (x, y) in enumerate(tqdm(_cycle(run, num_workers), total=num_iter, desc=f"lr_find {member['name']}",
                                     disable=not progress)):
