@@ -15,7 +15,7 @@ PYTHON  ?= python3
 PIPELINE_GOALS := all demo 00 01 02 03 04 05 06 predict report bench bench-targets
 ifeq ($(origin PROFILE),undefined)
   ifneq ($(filter $(PIPELINE_GOALS),$(MAKECMDGOALS)),)
-    PROFILE := $(shell $(PYTHON) -m common.profile $(RAW))
+    PROFILE := $(shell $(PYTHON) -m common.profile $(RAW) $(if $(MAKE_RESTARTS),--quiet))
   else
     PROFILE := demo
   endif

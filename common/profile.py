@@ -53,10 +53,12 @@ def choose(raw, cuda: bool | None = None) -> tuple[str, str]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    raw = argv[0] if argv else "data/raw"
-    profile, why = choose(raw)
+    quiet = "--quiet" in argv  # make re-reads the Makefile after writing .make/deps.mk: say it once
+    args = [a for a in argv if a != "--quiet"]
+    profile, why = choose(args[0] if args else "data/raw")
     print(profile)
-    print(f"profile: {profile} ({why}; name another with PROFILE=demo|cpu|full)", file=sys.stderr)
+    if not quiet:
+        print(f"profile: {profile} ({why}; name another with PROFILE=demo|cpu|full)", file=sys.stderr)
     return 0
 
 

@@ -185,10 +185,29 @@ def _setup(member: dict, train_df: pd.DataFrame, init, device, state=None) -> Si
         model=model, loss_fn=loss_fn, opt=build_optimizer(model, loss_fn, tcfg), device=device,
         classes=classes, labels=labels, flip=flip, channels_last=channels_last, amp_dtype=amp_dtype,
         freeze_bn=bool(tcfg["freeze_bn"]), trunk=trunk, top=top, cache=None,
-        cache_views=int(tcfg["cache_views"]) if trunk is not None and tcfg["cache_trunk"] else 0,
+        cache_views=cache_views(tcfg, len(train_df), flip) if trunk is not None and tcfg["cache_trunk"] else 0,
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         dataset=FlukeDataset(train_df["path"], labels, mirror_offset=len(classes) if flip else 0),
         sampler=PKSampler(labels, max(P, 1), K, seed=int(member["seed"]), flip=flip))
+
+
+def cache_views(tcfg: dict, n_train: int, flip: bool) -> int:
+    """Cached views per training image and orientation: ``train.cache_views``, lowered (never
+    below 1) so that the extra views - augmented and mirrored ones - stay within
+    ``train.cache_budget`` trunk passes: a large training set then gets fewer views, not hours.
+
+    >>> t = {"cache_views": 4, "cache_budget": 4000}
+    >>> cache_views(t, 470, True), cache_views(t, 2900, True), cache_views(t, 2900, False), cache_views(dict(t, cache_budget=None), 2900, True)
+    (4, 1, 2, 4)
+    """
+    views = max(1, int(tcfg["cache_views"]))
+    budget = tcfg["cache_budget"]
+    if budget is None:
+        return views
+    orient = 2 if flip else 1
+    while views > 1 and n_train * (orient * views - 1) > int(budget):
+        views -= 1
+    return views
 
 
 def train_mode(model, freeze_bn: bool = False, trunk=None) -> None:
@@ -496,6 +515,13 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
         if validate:
             row.update(_validate(run, val_df, size, val_rows, emb_kw))
         row["time_s"] = round(time.time() - t0, 1)
+        if epoch == start and tcfg["time_budget_min"] and state is None:
+            fits = max(epoch + 1, int(float(tcfg["time_budget_min"]) * 60 // max(row["time_s"], 1e-3)))
+            if fits < n_epochs:
+                print(f"{member['name']}: {n_epochs} epochs of {row['time_s']:.0f}s exceed train.time_budget_min="
+                      f"{tcfg['time_budget_min']}: training {fits} epochs (schedule fitted to them)")
+                n_epochs = sched["total"] = fits
+                end = min(end, fits)
         history.append(row)
         _log_epoch(writer, row)
         score = row.get(tcfg["metric"], math.nan)
@@ -511,6 +537,8 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
         if patience and validate and epoch + 1 - best["epoch"] >= patience:
             print(f"{member['name']}: no better {tcfg['metric']} for {patience} epochs (train.patience): "
                   f"stopping after epoch {epoch + 1}, best epoch {best['epoch']}")
+            break
+        if epoch + 1 >= end:
             break
     if n_epochs == 0:  # train.epochs: 0 - the starting weights are the result (e.g. a frozen-backbone baseline)
         history = history or [{"epoch": 0, "img_size": phases[0][0]}]

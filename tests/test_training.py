@@ -182,3 +182,18 @@ def test_zero_epochs_keep_the_starting_weights_as_best(toy, tmp_path):
     a, _ = load_checkpoint(start["best"])
     b, _ = load_checkpoint(tmp_path / "zero" / "best.pt")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_below_baseline_warns_loudly_and_the_frozen_fallback_embeds_pooled_features(toy, tmp_path, capsys):
+    _, val = toy
+    assert training.warn_below_baseline("m", {"map20": 0.10}, {"map20": 0.20}, "map20", "frozen")
+    err = capsys.readouterr().err
+    assert "WARNING: m trained" in err and "BELOW its untrained backbone (0.2000)" in err and "frozen" in err
+    assert not training.warn_below_baseline("m", {"map20": 0.30}, {"map20": 0.20}) and capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="below_baseline"):
+        training.warn_below_baseline("m", {"map20": 0.1}, {"map20": 0.2}, policy="drop")
+    member = tiny_member()
+    model, ckpt = load_checkpoint(training.save_frozen(member, tmp_path / "frozen.pt"))
+    assert ckpt["output"] == "pooled" and model.emb_dim == model.net.feat_dim
+    base = training.frozen_baseline(member, val, device="cpu", progress=False)
+    assert training.evaluate(model, val, 48, progress=False) == base  # the fallback is the baseline it beat

@@ -105,3 +105,11 @@ def test_patience_stops_early(toy, tmp_path):
     res = training.fit(member, df, val, tmp_path, device="cpu", progress=False)
     epochs = [r["epoch"] for r in res["history"]]
     assert epochs[-1] == res["best_epoch"] + 1 and epochs[-1] < 6
+
+
+def test_time_budget_cuts_the_run_after_its_first_epoch(toy, tmp_path, capsys):
+    df, val = toy
+    res = training.fit(tiny_member(epochs=5, time_budget_min=1e-9), df, val, tmp_path, device="cpu", progress=False)
+    assert [r["epoch"] for r in res["history"]] == [0, 1] and "exceed train.time_budget_min" in capsys.readouterr().out
+    ckpt = torch.load(res["last"], weights_only=False)
+    assert ckpt["scheduler"]["total"] == 1  # the schedule ended with the run, not at epoch 5
