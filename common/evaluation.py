@@ -9,14 +9,15 @@
   count as new_whale).
 * ``test`` (when the withheld truth is known, i.e. the demo): image mode with database
   train + test, and ID mode (database = train) with the tuned threshold, as the two submissions
-  would score.
+  would score; ``*_seen`` / ``*_unseen``: the test photos of identities train.csv has / lacks
+  (only the unseen ones say whether the embedding generalises to new individuals).
 """
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
-from .metrics import NEW_WHALE, image_scores, kaggle_map5, relevance
+from .metrics import NEW_WHALE, image_scores, kaggle_map5, relevance, subset_scores
 from .retrieval import evaluate_search, id_search_depth, l2_normalize, rank_identities, relevant_counts, search
 from .submission import id_truth, insert_new_whale, pad_ids, tune_new_whale_threshold
 
@@ -35,6 +36,12 @@ def table_groups(table: pd.DataFrame) -> np.ndarray | None:
         return None
     g = table["encounter"].fillna("").astype(str).to_numpy(object)
     return g if (g != "").any() else None
+
+
+def seen_unseen(query_ids, train_ids) -> dict:
+    """``{"seen": mask, "unseen": mask}`` of the queries whose identity train.csv has / lacks."""
+    unseen = ~np.isin(np.asarray(query_ids, dtype=object).astype(str), np.asarray(train_ids, dtype=object).astype(str))
+    return {"seen": ~unseen, "unseen": unseen}
 
 
 def frequent_ids(table: pd.DataFrame) -> list[str]:
@@ -97,7 +104,9 @@ def score_test(emb, table: pd.DataFrame, truth: pd.DataFrame, threshold: float, 
     scores, idx = search_test_images(emb, table, k, grouped=True, **search_kw)
     hits = relevance(test_ids, all_ids, idx)
     g = table_groups(table)
-    out = image_scores(hits, relevant_counts(test_ids, all_ids, True, None if g is None else (g[te], g)), k)
+    n_rel = relevant_counts(test_ids, all_ids, True, None if g is None else (g[te], g))
+    out = image_scores(hits, n_rel, k)
+    out.update(subset_scores(hits, n_rel, seen_unseen(test_ids, table["Id"].to_numpy(object)[tr]), k))
     preds = predict_test_ids(emb, table, threshold, ID_N, **search_kw)
     out["map5_nw"] = kaggle_map5(preds, id_truth(test_ids, set(all_ids[tr])))
     return out
@@ -117,7 +126,7 @@ def local_scores(emb, table: pd.DataFrame, truth: pd.DataFrame | None = None, k:
 def format_scores(scores: dict[str, dict]) -> str:
     """A fixed-width table: one line per embedding (members, then the ensemble)."""
     cols = [("val", "map20"), ("val", "top1"), ("val", "hit20"), ("val", "map5"), ("val", "map5_nw"),
-            ("test", "map20"), ("test", "top1"), ("test", "hit20"), ("test", "map5_nw")]
+            ("test", "map20"), ("test", "top1"), ("test", "hit20"), ("test", "map5_nw"), ("test", "top1_unseen")]
     cols = [c for c in cols if any(c[1] in s.get(c[0], {}) for s in scores.values())]
     width = max([len(n) for n in scores] + [8])
     head = f"{'':{width}}  " + "  ".join(f"{a + '.' + b:>11}" for a, b in cols)

@@ -130,3 +130,22 @@ def image_scores(hits, n_relevant, k: int = 20) -> dict:
     (keys named for k=20 whatever k is, so tables line up)."""
     h = np.asarray(hits, dtype=bool)
     return {"map20": map_at_k(h, n_relevant, k), "top1": top1(h), "hit20": hit_at_k(h, k), "n_queries": int(len(h))}
+
+
+def subset_scores(hits, n_relevant, subsets: dict, k: int = 20) -> dict:
+    """:func:`image_scores` of each row subset ``{name: mask}``, keys ``<metric>_<name>`` (and
+    ``n_queries_<name>``); empty subsets are left out.
+
+    >>> hits = [[True, False], [False, False], [False, True]]
+    >>> subset_scores(hits, [1, 1, 1], {"unseen": np.array([False, True, True])}, k=2)
+    {'map20_unseen': 0.25, 'top1_unseen': 0.0, 'hit20_unseen': 0.5, 'n_queries_unseen': 2}
+    """
+    h, n = np.asarray(hits, dtype=bool), np.asarray(n_relevant)
+    out = {}
+    for name, mask in subsets.items():
+        mask = np.asarray(mask, bool)
+        if mask.any():
+            part = image_scores(h[mask], n[mask], k)
+            out.update({f"{m}_{name}": part[m] for m in ("map20", "top1", "hit20")})
+            out[f"n_queries_{name}"] = int(mask.sum())
+    return out

@@ -24,7 +24,8 @@ import numpy as np
 import pandas as pd
 
 from .local_features import compute_features, match_many, match_pair
-from .metrics import NEW_WHALE, image_scores, kaggle_map5, relevance
+from .evaluation import seen_unseen
+from .metrics import NEW_WHALE, image_scores, kaggle_map5, relevance, subset_scores
 from .retrieval import l2_normalize, rank_identities, relevant_counts, search
 from .submission import id_truth, insert_new_whale, pad_ids, tune_new_whale_threshold
 
@@ -296,7 +297,9 @@ def score_test(img_fused, img_idx, id_preds, table, truth: pd.DataFrame, k: int,
         idx = np.array([np.concatenate([r[m], np.full((~m).sum(), -1)]) for r, m in zip(idx, keep)], np.int64)
         gr = (groups[te], groups)
     hits = relevance(test_ids, all_ids, idx[:, :k])
-    out = image_scores(hits, relevant_counts(test_ids, all_ids, True, gr), k)
+    n_rel = relevant_counts(test_ids, all_ids, True, gr)
+    out = image_scores(hits, n_rel, k)
+    out.update(subset_scores(hits, n_rel, seen_unseen(test_ids, all_ids[tr]), k))
     out["map5_nw"] = kaggle_map5(id_preds, id_truth(test_ids, set(all_ids[tr])))
     return out
 
