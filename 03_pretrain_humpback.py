@@ -21,10 +21,10 @@ def extra(ap):
 
 def main() -> int:
     cfg, paths, args = parse_stage_args(__doc__, extra=extra)
-    from common import tables, training
+    from common import members, tables, training
     from common.io import atomic_path, read_json, write_json
 
-    reason = training.pretrain_skip_reason(cfg, paths)
+    reason = members.pretrain_skip_reason(cfg, paths)
     if reason:
         print(f"stage 03 skipped: {reason}; stage 04 starts from model.pretrained weights")
         write_json(paths.pretrain_summary, {"skipped": reason})
@@ -33,7 +33,7 @@ def main() -> int:
     old = read_json(paths.pretrain_summary) if args.model and paths.pretrain_summary.exists() else {}
     summary = {"members": dict(old.get("members", {}))}
     for name in names:
-        member = training.pretrain_member(cfg, name)
+        member = members.pretrain_member(cfg, name)
         crops = member["model"]["use_crops"]
         fit = member["train"]["fit"]
         train_df = tables.train_frame(paths, "pretrain", fit=fit, use_crops=crops)
@@ -42,7 +42,7 @@ def main() -> int:
                               resume=args.resume, num_workers=cfg["num_workers"], deterministic=cfg["deterministic"])
         with atomic_path(paths.pretrain_ckpt(name)) as tmp:
             shutil.copyfile(result["best"], tmp)
-        summary["members"][name] = training.summary_entry(result, paths.pretrain_ckpt(name), len(train_df))
+        summary["members"][name] = members.summary_entry(result, paths.pretrain_ckpt(name), len(train_df))
     write_json(paths.pretrain_summary, summary)
     print(f"wrote {paths.pretrain_summary}")
     return 0

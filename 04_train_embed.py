@@ -24,7 +24,7 @@ def extra(ap):
 
 def main() -> int:
     cfg, paths, args = parse_stage_args(__doc__, extra=extra)
-    from common import tables, training
+    from common import lr_finder, members, tables, training
     from common.augment import preview
     from common.io import read_json, write_json
 
@@ -32,7 +32,7 @@ def main() -> int:
     old = read_json(paths.members_summary).get("members", {}) if paths.members_summary.exists() else {}
     summary = {"members": dict(old) if args.model else {}}
     for name in names:
-        member, init = training.stage04_member(cfg, paths, name)
+        member, init = members.member_and_start(cfg, paths, name)
         crops = member["model"]["use_crops"]
         fit = member["train"]["fit"]
         train_df = tables.train_frame(paths, "train", fit=fit, use_crops=crops)
@@ -40,7 +40,7 @@ def main() -> int:
                 (0.5,) * 3, (0.5,) * 3, member["augment"]["strength"])  # what the augmentation does, by eye
         kw = dict(init=init, device=cfg["device"], num_workers=cfg["num_workers"])
         if args.lr_find:
-            training.lr_find(member, train_df, paths.member_dir(name) / "lr_find.png",
+            lr_finder.lr_find(member, train_df, paths.member_dir(name) / "lr_find.png",
                              num_iter=int(member["train"]["lr_find_iters"]), **kw)
             continue
         val_df = tables.val_frame(paths, "train", use_crops=crops) if fit == "local" else None
@@ -49,7 +49,7 @@ def main() -> int:
                               deterministic=cfg["deterministic"], cache_dir=paths.trunk_cache_dir,
                               baseline=baseline is None and member["train"]["baseline"], **kw)
         baseline = baseline or result["baseline"]
-        entry = dict(training.summary_entry(result, result["best"], len(train_df), init=init), baseline=baseline)
+        entry = dict(members.summary_entry(result, result["best"], len(train_df), init=init), baseline=baseline)
         policy = member["train"]["below_baseline"]
         if training.warn_below_baseline(name, entry["metrics"], baseline, member["train"]["metric"], policy) \
                 and policy == "frozen":  # 05 and 06 then embed with the untrained backbone's pooled features

@@ -17,7 +17,8 @@
   where an uninterrupted run ends;
 * out_dir gets best.pt, last.pt, history.csv, curves.png, config.json and tb/ (TensorBoard).
 
-``lr_find`` sweeps the learning rate exponentially and plots loss against it (fast.ai style).
+The schedule lives in common/schedule.py, the learning-rate finder in common/lr_finder.py, the
+frozen trunk and its feature cache in common/trunk.py, member resolution in common/members.py.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from types import SimpleNamespace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -35,7 +36,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .handoff import HandoffError
 from .config import ConfigError
 from .augment import build_transforms
 from .datasets import FlukeDataset, encode_labels, hflip_mode, make_loader
@@ -46,6 +46,7 @@ from .models import PooledBackbone, build_model
 from .retrieval import evaluate_embeddings
 from .runtime import resolve_device, seed_everything
 from .samplers import PKSampler
+from .schedule import lr_factor, resolve_phases, size_at, trim_phases
 from .trunk import cached_trunk, freeze, split_backbone
 
 METRICS = ("map20", "map5", "top1", "hit20")
@@ -58,61 +59,6 @@ def scores_of(row: dict) -> dict:
     {'top1': 0.5, 'top1_unseen': 0.25, 'n_queries': 8}
     """
     return {k: v for k, v in row.items() if k.split("_")[0] in (*METRICS, "n")}
-
-
-# ---- schedule -------------------------------------------------------------------------------
-def lr_factor(t: float, total: float, warmup: float = 0.0, schedule: str = "cosine", floor: float = 0.01,
-              cycle: float = 5.0, mult: float = 2.0) -> float:
-    """Learning-rate multiplier at time ``t`` (epochs, fractional): linear warmup from ``floor``
-    to 1, then cosine down to ``floor`` over the rest (``sgdr``: restarts after ``cycle`` epochs,
-    each cycle ``mult`` times longer).
-
-    >>> [round(lr_factor(t, 10, warmup=1), 3) for t in (0, 0.5, 1, 5.5, 10)]
-    [0.01, 0.505, 1.0, 0.505, 0.01]
-    >>> [round(lr_factor(t, 15, schedule="sgdr", cycle=5, floor=0), 3) for t in (0, 2.5, 4.99, 5, 10)]
-    [1.0, 0.5, 0.0, 1.0, 0.5]
-    """
-    if warmup > 0 and t < warmup:
-        return floor + (1.0 - floor) * t / warmup
-    t -= warmup
-    if schedule == "cosine":
-        u = t / max(total - warmup, 1e-9)
-    elif schedule == "sgdr":
-        length = float(cycle)
-        while t >= length:
-            t, length = t - length, length * mult
-        u = t / length
-    else:
-        raise ConfigError(f"train.schedule must be 'cosine' or 'sgdr', not {schedule!r}")
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(max(u, 0.0), 1.0)))
-
-
-def resolve_phases(train_cfg: dict, img_size) -> list[tuple[int, int]]:
-    """Progressive resizing phases ``[(img_size, epochs), ...]`` (a size is an int or [height, width]);
-    one phase without ``progressive``.
-
-    >>> resolve_phases({"epochs": 3, "progressive": None}, 128), resolve_phases({"progressive": [[96, 2], [128, 1]]}, 128)
-    ([(128, 3)], [(96, 2), (128, 1)])
-    """
-    prog = train_cfg["progressive"]
-    if not prog:
-        return [(img_size, int(train_cfg["epochs"]))]
-    try:
-        phases = [([int(v) for v in s] if isinstance(s, (list, tuple)) else int(s), int(e)) for s, e in prog]
-    except (TypeError, ValueError):
-        raise ConfigError(f"train.progressive must be a list of [img_size, epochs] pairs, not {prog!r}") from None
-    if any(e < 1 for _, e in phases):
-        raise ConfigError(f"train.progressive phases need >= 1 epoch each: {prog!r}")
-    return phases
-
-
-def size_at(phases, epoch: int):
-    """Image size of 0-based ``epoch`` (the last phase's size past the end)."""
-    for size, n in phases:
-        if epoch < n:
-            return size
-        epoch -= n
-    return phases[-1][0]
 
 
 # ---- model, loss, optimiser -------------------------------------------------------------------
@@ -147,7 +93,31 @@ def build_optimizer(model, loss_fn: nn.Module, train_cfg: dict) -> torch.optim.O
     raise ConfigError(f"train.optimizer must be 'adamw' or 'adam', not {kind!r}")
 
 
-def _setup(member: dict, train_df: pd.DataFrame, init, device, state=None) -> SimpleNamespace:
+@dataclass
+class Run:
+    """Everything one training run holds, as named fields (ultralytics keeps its trainer state so)."""
+    model: nn.Module                  # the EmbeddingNet being trained
+    loss_fn: MetricLoss               # the configured loss; its margin head trains with the model
+    opt: torch.optim.Optimizer
+    device: torch.device
+    classes: list                     # identity names; label i is classes[i] (+ len(classes) when mirrored)
+    labels: np.ndarray                # label of every training row
+    flip: bool                        # mirrored photos are other identities (augment.hflip)
+    channels_last: bool
+    amp_dtype: object                 # None, torch.float16 or torch.bfloat16 (CUDA only)
+    freeze_bn: bool
+    trunk: nn.Module | None           # the frozen part of the backbone (train.trainable_blocks), else None
+    top: nn.Module | None             # the trainable rest of the backbone
+    cache_views: int                  # views per image in the trunk cache; 0 = train on images
+    scaler: torch.amp.GradScaler
+    dataset: FlukeDataset
+    sampler: PKSampler
+    cache: object = None              # the TrunkCache of the current phase, when cache_views
+    cache_dir: object = None          # where trunk caches are kept between runs
+    step: int = 0                     # optimisation steps so far (TensorBoard x axis)
+
+
+def setup_run(member: dict, train_df: pd.DataFrame, init, device, state=None) -> Run:
     """Everything a training run needs, built from the member config (and a resume state)."""
     for col in ("path", "Id"):
         if col not in train_df.columns:
@@ -181,10 +151,10 @@ def _setup(member: dict, train_df: pd.DataFrame, init, device, state=None) -> Si
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     K = int(tcfg["K"])
     P = int(tcfg["batch_size"]) // K if tcfg["batch_size"] else int(tcfg["P"])
-    return SimpleNamespace(
+    return Run(
         model=model, loss_fn=loss_fn, opt=build_optimizer(model, loss_fn, tcfg), device=device,
         classes=classes, labels=labels, flip=flip, channels_last=channels_last, amp_dtype=amp_dtype,
-        freeze_bn=bool(tcfg["freeze_bn"]), trunk=trunk, top=top, cache=None,
+        freeze_bn=bool(tcfg["freeze_bn"]), trunk=trunk, top=top,
         cache_views=cache_views(tcfg, len(train_df), flip) if trunk is not None and tcfg["cache_trunk"] else 0,
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         dataset=FlukeDataset(train_df["path"], labels, mirror_offset=len(classes) if flip else 0),
@@ -223,12 +193,12 @@ def train_mode(model, freeze_bn: bool = False, trunk=None) -> None:
         trunk.eval()
 
 
-def _train_transform(run, member: dict, size):
+def train_transform(run, member: dict, size):
     return build_transforms(size, run.model.mean, run.model.std, train=True,
                             strength=float(member["augment"]["strength"]))
 
 
-def _step(run, x, y, lr_per_group, grad_clip) -> tuple[float, dict]:
+def train_step(run, x, y, lr_per_group, grad_clip) -> tuple[float, dict]:
     """One optimisation step on a batch; returns (loss, parts)."""
     for g, lr in zip(run.opt.param_groups, lr_per_group):
         g["lr"] = lr
@@ -454,13 +424,13 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
     tcfg = member["train"]
     if epochs is not None:
         tcfg["epochs"] = int(epochs)
-        tcfg["progressive"] = _trim(tcfg["progressive"], int(epochs)) if tcfg["progressive"] else None
+        tcfg["progressive"] = trim_phases(tcfg["progressive"], int(epochs)) if tcfg["progressive"] else None
     phases = resolve_phases(tcfg, member["model"]["img_size"])
     n_epochs = sum(n for _, n in phases)
     out_dir, device, seed = Path(out_dir), resolve_device(device), int(member["seed"])
     seed_everything(seed, deterministic)
     state = _resume_state(out_dir / "last.pt", train_df, member["name"], n_epochs) if resume else None
-    run = _setup(member, train_df, init, device, state)
+    run = setup_run(member, train_df, init, device, state)
     run.cache_dir = cache_dir
     start = int(state["epoch"]) if state else 0
     history = list(state["history"]) if state else []
@@ -555,7 +525,7 @@ def _prepare_phase(run, member: dict, size, val_df, num_workers: int, progress: 
     trunk (``train.cache_trunk``) a :class:`common.trunk.TrunkCache` over the training and
     validation images. Returns ``(loader, validation rows of the cache or None)``."""
     if not run.cache_views:
-        run.dataset.transform = _train_transform(run, member, size)
+        run.dataset.transform = train_transform(run, member, size)
         return make_loader(run.dataset, run.sampler, num_workers, run.device.type == "cuda"), None
     paths = list(run.dataset.paths)
     index = {p: i for i, p in enumerate(paths)}
@@ -616,7 +586,7 @@ def _train_epoch(run, loader, epoch: int, sched: dict, tcfg: dict, writer, desc:
     bar = tqdm(loader, desc=desc, disable=not progress)
     for i, (x, y) in enumerate(bar):
         f = lr_factor(epoch + i / len(loader), **sched)
-        loss, parts = _step(run, x, y, [lr * g["lr_mult"] * f for g in run.opt.param_groups], tcfg["grad_clip"])
+        loss, parts = train_step(run, x, y, [lr * g["lr_mult"] * f for g in run.opt.param_groups], tcfg["grad_clip"])
         writer.add_scalar("train/loss", loss, run.step)
         writer.add_scalar("train/lr", lr * f, run.step)
         run.step += 1
@@ -642,150 +612,3 @@ def _save(run, member: dict, out_dir: Path, history: list, best: dict, improved:
     write_csv(out_dir / "history.csv", _history_frame(history))
 
 
-def _trim(progressive, epochs: int) -> list:
-    """Phases cut (or the last one stretched) to ``epochs`` in total.
-
-    >>> _trim([[96, 2], [128, 2]], 3), _trim([[96, 2], [128, 2]], 6)
-    ([[96, 2], [128, 1]], [[96, 2], [128, 4]])
-    """
-    out, left = [], epochs
-    for size, n in progressive:
-        if left <= 0:
-            break
-        out.append([size, min(int(n), left)])
-        left -= out[-1][1]
-    out[-1][1] += left
-    return out
-
-
-# ---- learning-rate finder -------------------------------------------------------------------------
-def lr_find(member: dict, train_df: pd.DataFrame, out_png, *, init=None, device=None, start_lr: float = 1e-6,
-            end_lr: float = 1.0, num_iter: int = 100, num_workers: int = 0, progress: bool = True) -> float:
-    """Exponential LR sweep (``train.lr`` from start_lr to end_lr, group multipliers kept) on PK
-    batches from the starting weights (head imprinted as in :func:`fit`); saves the smoothed
-    loss-vs-LR plot to ``out_png`` and returns (and prints) the suggested LR (:func:`suggest_lr`)."""
-    device = resolve_device(device)
-    seed_everything(int(member["seed"]))
-    run = _setup(member, train_df, init, device)
-    size = member["model"]["img_size"]
-    if member["train"]["imprint"]:
-        imprint_head(run, size, int(member["train"]["batch_embed"]), num_workers, progress=progress)
-    run.dataset.transform = _train_transform(run, member, size)
-    train_mode(run.model, run.freeze_bn, run.trunk)
-    lrs, losses, avg = [], [], 0.0
-    for i, (x, y) in enumerate(tqdm(_cycle(run, num_workers), total=num_iter, desc=f"lr_find {member['name']}",
-                                    disable=not progress)):
-        lr = start_lr * (end_lr / start_lr) ** (i / max(num_iter - 1, 1))
-        loss, _ = _step(run, x, y, [lr * g["lr_mult"] for g in run.opt.param_groups], member["train"]["grad_clip"])
-        avg = 0.98 * avg + 0.02 * loss
-        lrs.append(lr)
-        losses.append(avg / (1 - 0.98 ** (i + 1)))  # bias-corrected moving average, as fast.ai
-        if i + 1 >= num_iter or (i > 5 and losses[-1] > 4 * min(losses)):  # done, or diverging
-            break
-    suggestion = suggest_lr(lrs, losses)
-    _plot_lr_find(lrs, losses, suggestion, out_png, member["name"])
-    print(f"lr_find {member['name']}: suggested train.lr = {suggestion:.2e} (plot: {out_png})")
-    return suggestion
-
-
-def _cycle(run, num_workers: int):
-    """PK batches epoch after epoch, without end."""
-    loader, epoch = make_loader(run.dataset, run.sampler, num_workers), 0
-    while True:
-        run.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
-
-
-def suggest_lr(lrs, losses) -> float:
-    """fast.ai's "valley": the longest stretch over which the smoothed loss keeps falling (a longest
-    decreasing subsequence, robust to the noise of small batches); the LR halfway into its
-    middle third.
-
-    >>> lrs = [10 ** (-6 + i * 0.25) for i in range(25)]
-    >>> losses = [5 - 4 / (1 + math.exp(-3 * (math.log10(lr) + 3))) + max(0, math.log10(lr) + 1) * 5 for lr in lrs]
-    >>> -4 < math.log10(suggest_lr(lrs, losses)) < -2
-    True
-    """
-    losses = np.asarray(losses, float)
-    n = len(losses)
-    if n < 3:
-        return float(lrs[0] if n else 1e-3)
-    run = np.ones(n, int)  # length of the longest decreasing run ending at i
-    for i in range(1, n):
-        earlier = run[:i][losses[:i] > losses[i]]
-        run[i] = 1 + (earlier.max() if len(earlier) else 0)
-    end = int(np.argmax(run))
-    begin = end - int(run[end]) + 1
-    third = (end - begin) / 3
-    return float(lrs[min(n - 1, begin + int(third) + int(third / 2))])
-
-
-def _plot_lr_find(lrs, losses, suggestion, dest, name) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(lrs, losses)
-    ax.axvline(suggestion, color="red", linestyle="--", label=f"suggested lr {suggestion:.1e} (valley)")
-    ax.set(xscale="log", xlabel="learning rate (train.lr)", ylabel="smoothed training loss", title=f"lr_find: {name}")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    return save_figure(fig, dest)
-
-
-# ---- stage helpers (03, 04) -------------------------------------------------------------------------
-def pretrain_skip_reason(cfg: dict, paths) -> str | None:
-    """Why stage 03 has nothing to do (None when it should train)."""
-    if not cfg["pretrain"]["enabled"]:
-        return "pretrain.enabled is false"
-    if not paths.clean_pretrain_csv.exists():
-        if paths.raw_pretrain_csv.exists():
-            raise HandoffError(f"{paths.clean_pretrain_csv} is missing although {paths.raw_pretrain_csv} "
-                                    f"exists: run stage 00 first (make 00)")
-        return f"no pretrain set ({paths.raw_pretrain_csv} does not exist)"
-    from .tables import clean_frame
-
-    if not clean_frame(paths, "pretrain")["train_full"].astype(int).any():
-        return f"{paths.clean_pretrain_csv} has no identity with 2 or more usable images"
-    return None
-
-
-def pretrain_member(cfg: dict, name: str) -> dict:
-    """The member config stage 03 trains: ``pretrain.train`` merged over the member's ``train``
-    (its ``epochs`` also trims progressive-resizing phases)."""
-    from .config import member_config, merge
-
-    member = member_config(cfg, name)
-    over = cfg["pretrain"]["train"] or {}
-    member["train"] = merge(member["train"], over)
-    if "epochs" in over and member["train"]["progressive"] and "progressive" not in over:
-        member["train"]["progressive"] = _trim(member["train"]["progressive"], int(over["epochs"]))
-    return member
-
-
-def stage04_member(cfg: dict, paths, name: str) -> tuple[dict, Path | None]:
-    """``(member config, checkpoint to start from)``: stage 03's checkpoint when
-    ``model.from_pretrain_stage`` and stage 03 trained this member, else None (model.pretrained)."""
-    from .config import member_config
-    from .io import read_json
-
-    member = member_config(cfg, name)
-    if not member["model"]["from_pretrain_stage"]:
-        return member, None
-    ckpt = paths.pretrain_ckpt(name)
-    done = paths.pretrain_summary.exists() and name in read_json(paths.pretrain_summary).get("members", {})
-    if done and ckpt.exists():
-        print(f"{name}: starting from stage 03 checkpoint {ckpt}")
-        return member, ckpt
-    print(f"{name}: no stage 03 checkpoint, starting from model.pretrained={member['model']['pretrained']}")
-    return member, None
-
-
-def summary_entry(result: dict, ckpt, n_images: int, init=None) -> dict:
-    """One member's record in a stage summary JSON."""
-    return {"ckpt": str(ckpt), "last": result["last"], "best_epoch": result["best_epoch"],
-            "metrics": result["metrics"], "n_images": int(n_images), "init": None if init is None else str(init),
-            "history": [{k: v for k, v in row.items()} for row in result["history"]]}

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from common import training
+from common import lr_finder, schedule, training
 from common.augment import build_transforms
 from common.io import read_image
 from common.config import load_config, member_config
@@ -46,14 +46,14 @@ def toy(tmp_path_factory):
 
 
 def test_lr_schedule_warms_up_then_decays_to_the_floor():
-    f = [training.lr_factor(t, 10, warmup=2, floor=0.05) for t in np.linspace(0, 10, 101)]
+    f = [schedule.lr_factor(t, 10, warmup=2, floor=0.05) for t in np.linspace(0, 10, 101)]
     assert f[0] == pytest.approx(0.05) and max(f) == pytest.approx(1.0) and f[-1] == pytest.approx(0.05)
     peak = int(np.argmax(f))
     assert np.all(np.diff(f[:peak + 1]) > 0) and np.all(np.diff(f[peak:]) <= 1e-12)
-    restarts = [training.lr_factor(t, 15, schedule="sgdr", cycle=5, mult=2) for t in (4.9, 5.0, 14.9)]
+    restarts = [schedule.lr_factor(t, 15, schedule="sgdr", cycle=5, mult=2) for t in (4.9, 5.0, 14.9)]
     assert restarts[0] < 0.05 and restarts[1] == pytest.approx(1.0) and restarts[2] < 0.05
     with pytest.raises(ValueError, match="schedule"):
-        training.lr_factor(1, 10, schedule="step")
+        schedule.lr_factor(1, 10, schedule="step")
 
 
 def test_param_groups_have_discriminative_lrs_and_no_decay_on_biases_and_norms():
@@ -135,7 +135,7 @@ def test_empty_training_table_is_a_clear_error(tmp_path, toy):
 
 def test_lr_find_plots_and_suggests_a_learning_rate_in_range(tmp_path, toy):
     df, _ = toy
-    lr = training.lr_find(tiny_member(), df, tmp_path / "lr.png", device="cpu", start_lr=1e-5, end_lr=1.0,
+    lr = lr_finder.lr_find(tiny_member(), df, tmp_path / "lr.png", device="cpu", start_lr=1e-5, end_lr=1.0,
                           num_iter=12, progress=False)
     assert 1e-5 <= lr <= 1.0 and (tmp_path / "lr.png").stat().st_size > 0
 
@@ -151,7 +151,7 @@ def test_imprinting_puts_each_class_centre_at_its_images(toy):
     df, _ = toy
     member = tiny_member(freeze_bn=True)
     member["augment"]["hflip"] = False
-    run = training._setup(member, df, None, torch.device("cpu"))
+    run = training.setup_run(member, df, None, torch.device("cpu"))
     plain = build_transforms(48, run.model.mean, run.model.std, train=False)
     x = torch.stack([plain(image=read_image(p))["image"] for p in df["path"]])
     random_acc = _nearest_centre_accuracy(run, x)
