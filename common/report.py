@@ -145,7 +145,7 @@ def detector_and_crops(paths) -> Section:
     if det is None:
         missing(s, paths.detector_metrics, "01")
     elif not det.get("trained"):
-        s.add(f"<p>No detector trained: {esc(det.get('reason', 'no boxes'))}.</p>")
+        s.add(f"<p>No detector trained: {esc(det.get('reason') or det.get('skipped') or 'no boxes')}.</p>")
     else:
         s.add(table([{k: det.get(k) for k in ("map50", "map50_95", "precision", "recall", "epochs_run",
                                               "train_seconds", "device")}]))

@@ -32,7 +32,7 @@ def cropper():
     return cropping.Cropper("cam", find, conf=0.0, margin=crop["margin"], max_area=crop["attention_max_area"])
 
 
-OBJECTS = [(40, 30, 100, 80), (180, 120, 100, 80), (200, 20, 90, 90)]  # ~10 % of the photo each
+OBJECTS = [(40, 30, 80, 60), (200, 150, 80, 60), (210, 20, 70, 70)]  # 6-6.5 % of the photo each
 
 
 def test_box_covers_the_object_and_excludes_most_background(cropper):
