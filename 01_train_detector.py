@@ -26,7 +26,8 @@ def main() -> int:
     det = cfg["detector"]
     source = Path(det["boxes"]) if det["boxes"] else paths.raw_boxes_csv
     if not source.exists():
-        reason = f"no annotations at {source}: stage 02 will use whole images (fallback=1)"
+        reason = (f"no annotations at {source}: stage 02 will crop with the ImageNet backbone's attention map "
+                  f"(crop.attention: auto), or use whole images (crop.attention: false)")
         print(f"01: {reason}")
         write_json(paths.detector_metrics, {"trained": False, "skipped": reason})
         return 0

@@ -1,6 +1,7 @@
 """Top-k database matches for new photos: how the trained system is used after the competition.
 
-Each photo is cropped with the fluke detector when stage 01 trained one (whole image otherwise),
+Each photo is cropped by stage 02's rule (the fluke detector when stage 01 trained one, else the
+backbone's attention map per crop.attention, else the whole image),
 embedded by every member with the same flip TTA as the database, joined into the
 meta-embedding and searched against the train + test database. With rerank.enabled the shortlist
 is re-ranked by the fused probability (stage 06's calibration, local features of the photo vs
@@ -21,24 +22,16 @@ from .io import ImageReadError, read_image, write_csv
 
 
 def crop_photos(cfg: dict, paths, photos: list[Path], out_dir: Path) -> list[Path]:
-    """Fluke crops of ``photos`` written to ``out_dir`` (the photos themselves without a detector)."""
-    if not paths.detector_weights.exists():
-        return list(photos)
-    from .cropping import crop_region, fit_max_side, write_crop
-    from .detector import FlukeDetector
-    from .runtime import resolve_device
+    """Crops of ``photos`` written to ``out_dir`` by the same rule as stage 02 (cropping.make_cropper:
+    the detector when stage 01 trained one, else the attention map per crop.attention, else whole)."""
+    from .cropping import make_cropper, write_crop
 
-    crop, det = cfg["crop"], cfg["detector"]
-    detect = FlukeDetector(paths.detector_weights, imgsz=crop["imgsz"] or det["imgsz"],
-                           device=resolve_device(cfg["device"]))
+    cropper = make_cropper(cfg, paths)
     out = []
     for i, p in enumerate(photos):
-        img = read_image(p)
-        (best,) = detect([img])
-        x0, y0, x1, y1, _, _ = crop_region(best, img.shape[1], img.shape[0], conf=float(crop["conf"]),
-                                           margin=float(crop["margin"]))
+        (crop,), _ = cropper.crops([read_image(p)])
         dest = out_dir / f"{i:05d}_{Path(p).stem}.jpg"
-        write_crop(fit_max_side(img[y0:y1, x0:x1], crop["max_side"]), dest)
+        write_crop(crop, dest, cfg["crop"]["quality"])
         out.append(dest)
     return out
 

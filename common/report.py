@@ -145,7 +145,7 @@ def detector_and_crops(paths) -> Section:
     if det is None:
         missing(s, paths.detector_metrics, "01")
     elif not det.get("trained"):
-        s.add(f"<p>No detector trained: {esc(det.get('reason', 'no boxes'))}.</p>")
+        s.add(f"<p>No detector trained: {esc(det.get('reason') or det.get('skipped') or 'no boxes')}.</p>")
     else:
         s.add(table([{k: det.get(k) for k in ("map50", "map50_95", "precision", "recall", "epochs_run",
                                               "train_seconds", "device")}]))
@@ -161,13 +161,19 @@ def detector_and_crops(paths) -> Section:
         return missing(s, paths.crops_report, "02")
     rows = [{"split": k, **v} for k, v in (crops.get("splits") or {}).items()]
     s.add(table(rows))
-    if crops.get("sources"):
-        s.add(table([{"source": k, "images": v} for k, v in crops["sources"].items()]))
+    if crops.get("sources"):  # source -> {images, median_conf, median_area} (or a bare count in older reports)
+        s.add(table([{"source": k, **(v if isinstance(v, dict) else {"images": v})}
+                     for k, v in crops["sources"].items()]))
     worst = max(rows, key=lambda r: r.get("fallback_rate") or 0, default=None)
     if worst and (worst.get("fallback_rate") or 0) > MAX_FALLBACK_RATE and crops.get("detector"):
         s.hints.append(f"{worst['fallback_rate']:.0%} of {worst['split']} images fell back to the whole photo: "
                        "lower crop.conf or improve the detector (more boxes, more epochs).")
-    return s.add(image(paths.crops_samples_png, "sample crops (boxes drawn; fallback = whole image)"))
+    elif worst and (worst.get("fallback_rate") or 0) > MAX_FALLBACK_RATE and crops.get("source") == "cam":
+        s.hints.append(f"{worst['fallback_rate']:.0%} of {worst['split']} images fell back to the whole photo with "
+                       "attention crops: check crops/samples.png; annotate boxes (RAW/boxes.csv) to train the "
+                       "detector, or change crop.attention_threshold / attention_max_area.")
+    return s.add(image(paths.crops_samples_png, "sample crops (boxes drawn, coloured by source: detector, "
+                                                "attention map or whole image)"))
 
 
 def training(paths) -> Section:

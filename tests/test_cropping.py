@@ -1,4 +1,5 @@
-"""Crop geometry (margin, clipping, fallback), the crop loop and its incremental reruns."""
+"""Crop geometry (margin, clipping, fallback), the crop rule and its sources, the crop loop and its
+incremental reruns."""
 import os
 
 import cv2
@@ -22,10 +23,27 @@ def test_box_is_clipped_to_the_image_and_never_empty():
     assert 0 <= x0 < x1 <= 80 and 0 <= y0 < y1 <= 60
 
 
+def yolo(det, conf=0.5, max_side=64, margin=0.1):
+    return cropping.Cropper("yolo", det, conf=conf, margin=margin, max_side=max_side)
+
+
 def test_fallback_below_threshold_or_without_detection():
     assert cropping.crop_region(None, 120, 90, conf=0.25, margin=0.1) == (0, 0, 120, 90, 0.0, 1)
     assert cropping.crop_region((10, 10, 50, 40, 0.249), 120, 90, conf=0.25, margin=0.1)[4:] == (0.249, 1)
     assert cropping.crop_region((10, 10, 50, 40, 0.25), 120, 90, conf=0.25, margin=0.1) == (6, 7, 54, 43, 0.25, 0)
+    # a grown box covering more than max_area of the image: the photo is the crop already
+    assert cropping.crop_region((2, 2, 118, 88, 0.9), 120, 90, conf=0.0, margin=0.0, max_area=0.9)[4:] == (0.9, 1)
+    assert cropping.crop_region((2, 2, 118, 88, 0.9), 120, 90, conf=0.0, margin=0.0, max_area=1.0)[4:] == (0.9, 0)
+
+
+def test_crop_source_follows_crop_attention():
+    assert cropping.crop_source({"attention": "auto"}, trained=True) == "yolo"
+    assert cropping.crop_source({"attention": "auto"}, trained=False) == "cam"
+    assert cropping.crop_source({"attention": True}, trained=True) == "cam"
+    assert cropping.crop_source({"attention": False}, trained=True) == "yolo"
+    assert cropping.crop_source({"attention": False}, trained=False) == "full"
+    with pytest.raises(cropping.CropConfigError, match="crop.attention"):
+        cropping.crop_source({"attention": "maybe"}, trained=False)
 
 
 def test_fit_max_side_downscales_only():
@@ -84,8 +102,9 @@ def test_crops_written_with_margin_and_max_side(project):
     paths, _ = project
     jobs = cropping.crop_jobs(paths)
     det = FakeDetector()
-    rows, n = cropping.run_crops(jobs, det, conf=0.5, margin=0.1, max_side=64, batch=2, progress=False)
+    rows, n = cropping.run_crops(jobs, yolo(det), batch=2, progress=False)
     assert n == 5 and det.seen == 5 and list(rows.columns) == cropping.CROP_COLUMNS
+    assert list(rows.columns)[-1] == "source" and (rows["source"] == "yolo").all()
     assert list(rows["Image"]) == list(jobs["Image"])
     assert (rows[["x0", "y0", "x1", "y1"]].to_numpy() == [90, 36, 210, 84]).all()
     assert (rows["fallback"] == 0).all() and (rows["width"] == 300).all() and (rows["height"] == 120).all()
@@ -93,15 +112,17 @@ def test_crops_written_with_margin_and_max_side(project):
         crop = cv2.imread(dst)
         assert crop.shape[:2] == (26, 64)  # 120x48 crop scaled to longest side 64
     summary = cropping.summarize(rows)
-    assert summary["train"] == {"images": 3, "fallback": 0, "fallback_rate": 0.0, "median_conf": 0.9}
+    assert summary["train"] == {"images": 3, "fallback": 0, "fallback_rate": 0.0, "median_conf": 0.9,
+                                "yolo": 3, "cam": 0, "full": 0}
+    assert cropping.summarize_sources(rows) == {"yolo": {"images": 5, "median_conf": 0.9, "median_area": 0.16}}
 
 
 def test_without_detector_or_below_threshold_whole_images_are_used(project):
     paths, _ = project
     jobs = cropping.crop_jobs(paths)
-    for detect in (None, FakeDetector(conf=0.1)):
-        rows, _ = cropping.run_crops(jobs, detect, conf=0.25, margin=0.1, max_side=1000, progress=False)
-        assert (rows["fallback"] == 1).all()
+    for cropper in (cropping.Cropper("full", None, max_side=1000), yolo(FakeDetector(conf=0.1), 0.25, 1000)):
+        rows, _ = cropping.run_crops(jobs, cropper, progress=False)
+        assert (rows["fallback"] == 1).all() and (rows["source"] == "full").all()
         assert (rows[["x0", "y0", "x1", "y1"]].to_numpy() == [0, 0, 300, 120]).all()
         assert cv2.imread(jobs["dst"][0]).shape[:2] == (120, 300)  # never upscaled
 
@@ -109,9 +130,9 @@ def test_without_detector_or_below_threshold_whole_images_are_used(project):
 def test_rerun_redoes_only_stale_crops(project):
     paths, _ = project
     jobs = cropping.crop_jobs(paths)
-    first, _ = cropping.run_crops(jobs, FakeDetector(), conf=0.5, margin=0.1, max_side=64, progress=False)
+    first, _ = cropping.run_crops(jobs, yolo(FakeDetector()), progress=False)
     det = FakeDetector()
-    again, n = cropping.run_crops(jobs, det, conf=0.5, margin=0.1, max_side=64, previous=first, progress=False)
+    again, n = cropping.run_crops(jobs, yolo(det), previous=first, progress=False)
     assert n == 0 and det.seen == 0 and again.equals(first)
 
     os.remove(jobs["dst"][1])  # a missing crop ...
@@ -119,7 +140,7 @@ def test_rerun_redoes_only_stale_crops(project):
     t = os.path.getmtime(jobs["dst"][3]) + 10
     os.utime(src, (t, t))
     det = FakeDetector()
-    again, n = cropping.run_crops(jobs, det, conf=0.5, margin=0.1, max_side=64, previous=first, progress=False)
+    again, n = cropping.run_crops(jobs, yolo(det), previous=first, progress=False)
     assert n == 2 and det.seen == 2 and os.path.exists(jobs["dst"][1])
     assert again.equals(first)
 
@@ -137,6 +158,31 @@ def test_signature_changes_with_weights_and_settings(tmp_path):
     assert base != cropping.signature(w, cfg, 320)
 
 
+def test_signature_changes_with_the_source_and_the_attention_settings():
+    from common.config import default_config
+
+    crop = default_config()["crop"]
+    cam = cropping.signature(None, crop, 320, "cam")
+    assert cam == cropping.signature(None, dict(crop), 320, "cam")
+    assert cam != cropping.signature(None, crop, 320, "full")
+    for key, value in (("attention_threshold", 0.6), ("attention_size", 224), ("attention_map", "cam"),
+                       ("attention_min_area", 0.1), ("attention_max_area", 0.5), ("attention_merge", 1.0)):
+        assert key in cropping.ATTENTION_KEYS
+        assert cam != cropping.signature(None, {**crop, key: value}, 320, "cam"), key
+    # a detector's crops do not depend on the attention settings
+    assert cropping.signature(None, crop, 320, "yolo") == cropping.signature(
+        None, {**crop, "attention_threshold": 0.6}, 320, "yolo")
+
+
+def test_old_crops_csv_without_source_reads_with_one(tmp_path):
+    old = pd.DataFrame({"Image": ["a.jpg", "b.jpg"], "split": "train", "x0": 0, "y0": 0, "x1": 5, "y1": 5,
+                        "conf": [0.9, 0.1], "fallback": [0, 1], "width": 5, "height": 5})
+    old.to_csv(tmp_path / "crops.csv", index=False)
+    df = cropping.read_crops(tmp_path / "crops.csv")
+    assert list(df["source"]) == ["yolo", "full"]
+    assert cropping.summarize(old)["train"]["full"] == 1
+
+
 def test_unreadable_source_raises_naming_the_file(project):
     from common.io import ImageReadError
 
@@ -144,17 +190,27 @@ def test_unreadable_source_raises_naming_the_file(project):
     jobs = cropping.crop_jobs(paths)
     paths.raw_image("test", "q1.png").write_bytes(b"garbage")
     with pytest.raises(ImageReadError, match="q1.png"):
-        cropping.run_crops(jobs, None, conf=0.25, margin=0.1, max_side=64, progress=False)
+        cropping.run_crops(jobs, cropping.Cropper("full", max_side=64), progress=False)
 
 
 def test_sample_grid_png(project, tmp_path):
     paths, _ = project
     jobs = cropping.crop_jobs(paths)
-    rows, _ = cropping.run_crops(jobs, FakeDetector(), conf=0.5, margin=0.1, max_side=64, progress=False)
-    rows.loc[0, "fallback"] = 1
+    rows, _ = cropping.run_crops(jobs, yolo(FakeDetector()), progress=False)
+    rows.loc[0, ["fallback", "source"]] = [1, "full"]
     out = cropping.plot_samples(rows, jobs, tmp_path / "s.png", n=4)
     img = cv2.imread(str(out))
     assert img is not None and img.shape[0] > 100 and img.shape[1] > 300
+    # with attention maps: each photo's heat map is drawn under its box
+    seen = []
+
+    def maps(images):
+        seen.append(len(images))
+        return [np.linspace(0, 1, im.shape[1], dtype=np.float32)[None].repeat(im.shape[0], 0) for im in images]
+
+    rows["source"] = "cam"
+    heat = cv2.imread(str(cropping.plot_samples(rows, jobs, tmp_path / "h.png", n=4, maps=maps)))
+    assert seen == [4] and heat.shape == img.shape and not np.array_equal(heat, img)
 
 
 def test_png_crops_are_written_without_opencv_warnings(tmp_path, capfd):

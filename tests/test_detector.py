@@ -122,10 +122,20 @@ def test_without_boxes_the_crop_stage_uses_whole_images(dirs):
     out = stage("01_train_detector.py", dirs["raw"], dirs["data"], **kw)
     assert out.returncode == 0 and "no annotations" in out.stdout
     assert json.loads((dirs["data"] / "detector" / "metrics.json").read_text())["trained"] is False
-    out = stage("02_crop_flukes.py", dirs["raw"], dirs["data"], **kw)
+    out = stage("02_crop_flukes.py", dirs["raw"], dirs["data"], **kw)  # crop.attention: auto
+    assert out.returncode == 0 and "attention map" in out.stdout, out.stderr[-3000:]
+    crops = pd.read_csv(dirs["data"] / "crops" / "crops.csv")
+    report = json.loads((dirs["data"] / "crops" / "report.json").read_text())
+    assert len(crops) == 6 and set(crops["source"]) <= {"cam", "full"} and report["source"] == "cam"
+    assert ((crops["source"] == "full") == (crops["fallback"] == 1)).all()
+    assert sum(v["images"] for v in report["sources"].values()) == 6
+
+    out = stage("02_crop_flukes.py", dirs["raw"], dirs["data"], "crop.attention=false", **kw)
     assert out.returncode == 0, out.stderr[-3000:]
     crops = pd.read_csv(dirs["data"] / "crops" / "crops.csv")
     assert len(crops) == 6 and (crops["fallback"] == 1).all() and (crops["x1"] == crops["width"]).all()
+    assert (crops["source"] == "full").all()
+    assert json.loads((dirs["data"] / "crops" / "report.json").read_text())["processed"] == 6  # all redone
 
 
 def test_no_valid_box_fails_clearly_and_writes_no_marker(dirs):
