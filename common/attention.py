@@ -103,7 +103,7 @@ class AttentionCropper:
     contract as ``common.detector.FlukeDetector``; ``maps(images)`` gives the [0, 1] maps for plots."""
 
     def __init__(self, *, size: int = 320, threshold: float = 0.5, min_area: float = 0.02, merge: float = 1.0,
-                 kind: str = "norm", device="cpu"):
+                 kind: str = "norm", device="cpu", min_side: int = 0):
         import torch
 
         from .cropping import CropConfigError
@@ -114,7 +114,7 @@ class AttentionCropper:
             raise CropConfigError(f"crop.attention_threshold must be in (0, 1) and crop.attention_size >= 32 "
                                    f"(got {threshold}, {size})")
         self.size, self.threshold, self.min_area, self.kind = int(size), float(threshold), float(min_area), kind
-        self.merge = float(merge)
+        self.merge, self.min_side = float(merge), int(min_side or 0)
         self.device = torch.device(device)
         self.backbone, mean, std, self.classifier = _network(kind, str(self.device))
         self.mean = torch.tensor(mean).view(1, 3, 1, 1).to(self.device)
@@ -168,7 +168,14 @@ class AttentionCropper:
         return x0 * sx, y0 * sy, x1 * sx, y1 * sy, round(max(0.0, min(1.0, score)), 4)
 
     def __call__(self, images: list[np.ndarray]) -> list[tuple | None]:
-        return [self.box(r, im.shape[1], im.shape[0]) for r, im in zip(self.raw_maps(images), images)]
+        """Photos whose longer side is at most ``min_side`` px get None (whole image) without a map:
+        they are close crops already (face or body crops of a few hundred px)."""
+        out: list[tuple | None] = [None] * len(images)
+        big = [i for i, im in enumerate(images) if max(im.shape[:2]) > self.min_side]
+        if big:
+            for i, r in zip(big, self.raw_maps([images[i] for i in big])):
+                out[i] = self.box(r, images[i].shape[1], images[i].shape[0])
+        return out
 
 
 # ---- by eye: a contact sheet of attention boxes on any photos -------------------------------------

@@ -35,7 +35,7 @@ from .errors import PipelineError
 CROP_COLUMNS = ["Image", "split", "x0", "y0", "x1", "y1", "conf", "fallback", "width", "height", "source"]
 SOURCES = ("yolo", "cam", "full")  # detector box, attention-map box, whole image
 ATTENTION_KEYS = ("attention_map", "attention_size", "attention_threshold", "attention_merge",
-                  "attention_min_area", "attention_max_area")
+                  "attention_min_area", "attention_max_area", "attention_min_side")
 
 
 class CropConfigError(PipelineError, ValueError):
@@ -154,7 +154,7 @@ def make_cropper(cfg: dict, paths, *, trained: bool | None = None) -> Cropper:
 
         find = AttentionCropper(size=crop["attention_size"], threshold=crop["attention_threshold"],
                                 min_area=crop["attention_min_area"], merge=crop["attention_merge"],
-                                kind=crop["attention_map"], device=device)
+                                kind=crop["attention_map"], device=device, min_side=crop["attention_min_side"])
         conf, max_area = 0.0, float(crop["attention_max_area"])
     return Cropper(source, find, conf=conf, margin=float(crop["margin"]), max_area=max_area,
                    max_side=crop["max_side"])

@@ -135,3 +135,18 @@ def test_crop_loop_writes_the_source_column_and_predict_crops_alike(project, tmp
     assert full.source == "full" and full.find is None
     rows, _ = cropping.run_crops(jobs, full, progress=False)
     assert (rows["source"] == "full").all() and (rows["fallback"] == 1).all()
+
+
+def test_small_photos_stay_whole_without_a_map(cropper, monkeypatch):
+    """crop.attention_min_side: a photo no longer than it is a close crop already; no map is computed."""
+    find = cropper.find
+    big = scene(*OBJECTS[0])
+    small = cv2.resize(big, (200, 150))
+    find.min_side = 256
+    seen = []
+    real = find.raw_maps
+    monkeypatch.setattr(find, "raw_maps", lambda images: seen.append(len(images)) or real(images))
+    boxes = find([small, big])
+    assert boxes[0] is None and boxes[1] is not None and seen == [1]
+    assert cropper.regions([small])[0][5:] == (1, "full")
+    find.min_side = 0
