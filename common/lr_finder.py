@@ -25,17 +25,17 @@ def lr_find(member: dict, train_df: pd.DataFrame, out_png, *, init=None, device=
     loss-vs-LR plot to ``out_png`` and returns (and prints) the suggested LR (:func:`suggest_lr`)."""
     device = resolve_device(device)
     seed_everything(int(member["seed"]))
-    run = _setup(member, train_df, init, device)
+    run = setup_run(member, train_df, init, device)
     size = member["model"]["img_size"]
     if member["train"]["imprint"]:
         imprint_head(run, size, int(member["train"]["batch_embed"]), num_workers, progress=progress)
-    run.dataset.transform = _train_transform(run, member, size)
+    run.dataset.transform = train_transform(run, member, size)
     train_mode(run.model, run.freeze_bn, run.trunk)
     lrs, losses, avg = [], [], 0.0
     for i, (x, y) in enumerate(tqdm(_cycle(run, num_workers), total=num_iter, desc=f"lr_find {member['name']}",
                                     disable=not progress)):
         lr = start_lr * (end_lr / start_lr) ** (i / max(num_iter - 1, 1))
-        loss, _ = _step(run, x, y, [lr * g["lr_mult"] for g in run.opt.param_groups], member["train"]["grad_clip"])
+        loss, _ = train_step(run, x, y, [lr * g["lr_mult"] for g in run.opt.param_groups], member["train"]["grad_clip"])
         avg = 0.98 * avg + 0.02 * loss
         lrs.append(lr)
         losses.append(avg / (1 - 0.98 ** (i + 1)))  # bias-corrected moving average, as fast.ai

@@ -69,7 +69,7 @@ def size_at(phases, epoch: int):
 def trim_phases(progressive, epochs: int) -> list:
     """Phases cut (or the last one stretched) to ``epochs`` in total.
 
-    >>> trim_phases([[96, 2], [128, 2]], 3), _trim([[96, 2], [128, 2]], 6)
+    >>> trim_phases([[96, 2], [128, 2]], 3), trim_phases([[96, 2], [128, 2]], 6)
     ([[96, 2], [128, 1]], [[96, 2], [128, 4]])
     """
     out, left = [], epochs
