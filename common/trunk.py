@@ -161,9 +161,9 @@ class TrunkCache:
         aug = build_transforms(size, mean, std, train=True, strength=strength, seed=seed)
         jobs = [(i, False, None) for i in range(len(self.paths))]  # plain view of every image
         orients = (False, True) if self.flip else (False,)
-        for j, i in enumerate(self.train_idx):
+        for i in self.train_idx:  # view 0 of orientation 0 is the plain view computed above
             for o in orients:
-                jobs += [(int(i), o, v) for v in range(1 if not o else 0, self.views)]
+                jobs += [(int(i), o, v) for v in range(self.views) if o or v]
         trunk.eval()
         feats = self._run(trunk, jobs, plain, aug, batch_size, progress, num_workers)
         self.plain = feats[: len(self.paths)]
@@ -171,15 +171,11 @@ class TrunkCache:
         self.train = torch.empty(shape, dtype=self.plain.dtype)
         k = len(self.paths)
         for j, i in enumerate(self.train_idx):
+            self.train[j, 0, 0] = self.plain[i]
             for o in range(len(orients)):
-                if o == 0:
-                    self.train[j, 0, 0] = self.plain[i]
-                    n = self.views - 1
-                    self.train[j, 0, 1:] = feats[k:k + n]
-                else:
-                    n = self.views
-                    self.train[j, 1] = feats[k:k + n]
-                k += n
+                first = 1 if o == 0 else 0
+                self.train[j, o, first:] = feats[k:k + self.views - first]
+                k += self.views - first
 
     @torch.no_grad()
     def _run(self, trunk, jobs, plain, aug, batch_size, progress, num_workers: int = 0) -> torch.Tensor:
