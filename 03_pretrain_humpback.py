@@ -35,9 +35,9 @@ def main() -> int:
     for name in names:
         member = members.pretrain_member(cfg, name)
         crops = member["model"]["use_crops"]
-        fit = member["train"]["fit"]
-        train_df = tables.train_frame(paths, "pretrain", fit=fit, use_crops=crops)
-        val_df = tables.val_frame(paths, "pretrain", use_crops=crops) if fit == "local" else None
+        rows = member["train"]["rows"]
+        train_df = tables.train_frame(paths, "pretrain", rows=rows, use_crops=crops)
+        val_df = tables.val_frame(paths, "pretrain", use_crops=crops) if rows == "local" else None
         result = training.fit(member, train_df, val_df, paths.pretrain_dir(name), device=cfg["device"],
                               resume=args.resume, num_workers=cfg["num_workers"], deterministic=cfg["deterministic"])
         with atomic_path(paths.pretrain_ckpt(name)) as tmp:

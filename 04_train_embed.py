@@ -2,7 +2,7 @@
 
 Each member (`members:` in the profile; `--model NAME` trains one) starts from its stage-03
 checkpoint (model.from_pretrain_stage, when stage 03 made one) or else from model.pretrained, and
-trains on clean/train.csv (train.fit: local = train_local rows validated on the local split,
+trains on clean/train.csv (train.rows: local = train_local rows validated on the local split,
 full = every train_full row without validation), on fluke crops when stage 02 made them. The
 untrained model.pretrained backbone (ImageNet) is scored first: the baseline to beat (train.baseline).
 Writes models/<member>/ (best.pt, last.pt, history.csv, curves.png, augment.png, config.json, tb/) and
@@ -34,20 +34,20 @@ def main() -> int:
     for name in names:
         member, init = members.member_and_start(cfg, paths, name)
         crops = member["model"]["use_crops"]
-        fit = member["train"]["fit"]
-        train_df = tables.train_frame(paths, "train", fit=fit, use_crops=crops)
+        rows = member["train"]["rows"]
+        train_df = tables.train_frame(paths, "train", rows=rows, use_crops=crops)
         preview(train_df["path"][:4], paths.member_dir(name) / "augment.png", member["model"]["img_size"],
                 (0.5,) * 3, (0.5,) * 3, member["augment"]["strength"])  # what the augmentation does, by eye
-        kw = dict(init=init, device=cfg["device"], num_workers=cfg["num_workers"])
+        start = dict(init=init, device=cfg["device"], num_workers=cfg["num_workers"])
         if args.lr_find:
             lr_finder.lr_find(member, train_df, paths.member_dir(name) / "lr_find.png",
-                             num_iter=int(member["train"]["lr_find_iters"]), **kw)
+                             num_iter=int(member["train"]["lr_find_iters"]), **start)
             continue
-        val_df = tables.val_frame(paths, "train", use_crops=crops) if fit == "local" else None
+        val_df = tables.val_frame(paths, "train", use_crops=crops) if rows == "local" else None
         baseline = old.get(name, {}).get("baseline") if args.resume else None  # measured by the first run
         result = training.fit(member, train_df, val_df, paths.member_dir(name), resume=args.resume,
                               deterministic=cfg["deterministic"], cache_dir=paths.trunk_cache_dir,
-                              baseline=baseline is None and member["train"]["baseline"], **kw)
+                              baseline=baseline is None and member["train"]["baseline"], **start)
         baseline = baseline or result["baseline"]
         entry = dict(members.summary_entry(result, result["best"], len(train_df), init=init), baseline=baseline)
         policy = member["train"]["below_baseline"]

@@ -5,7 +5,7 @@ joins them into the equally weighted meta-embedding and gives a test image the I
 nearest known whale when the similarity clears pseudo.threshold (a number, or `auto`: the lowest
 threshold whose labels on the local-validation queries reach pseudo.target_precision) and leads
 the second identity by pseudo.margin; at most pseudo.max_share x the training images are added.
-Under train.fit=local only non-validation identities can be labelled (no validation leak).
+Under train.rows=local only non-validation identities can be labelled (no validation leak).
 Each member with `pseudo: true` is then fine-tuned from its current checkpoint on its training
 images plus the pseudo-labelled ones for pseudo.epochs, pseudo.rounds times (relabelling in
 between), each round in its own folder pseudo/models/<member>/round<r>/. A retrain that lowers
@@ -31,21 +31,21 @@ def main() -> int:
     from common.pseudo import run_rounds
 
     names, enabled = member_names(cfg), bool(cfg["pseudo"]["enabled"])
-    frozen = {n for n, e in read_json(paths.members_summary).get("members", {}).items() if e.get("fallback")} \
+    frozen = {name for name, entry in read_json(paths.members_summary).get("members", {}).items() if entry.get("fallback")} \
         if paths.members_summary.exists() else set()
-    for n in sorted(frozen & set(names)):
-        print(f"05: {n} fell back to its frozen backbone in stage 04 (train.below_baseline): not retrained")
-    eligible = [n for n in names if member_config(cfg, n)["pseudo"] and n not in frozen]
+    for name in sorted(frozen & set(names)):
+        print(f"05: {name} fell back to its frozen backbone in stage 04 (train.below_baseline): not retrained")
+    eligible = [name for name in names if member_config(cfg, name)["pseudo"] and name not in frozen]
     chosen = [args.model] if args.model else eligible
     if args.model and args.model not in eligible:
         raise ConfigError(f"--model {args.model}: not a member with pseudo: true ({', '.join(eligible) or 'none'})")
-    checkpoints = {n: str(c) for n, c in trained_checkpoints(paths, names).items()}
+    checkpoints = {name: str(ckpt) for name, ckpt in trained_checkpoints(paths, names).items()}
     old = read_json(paths.pseudo_report).get("checkpoints", {}) if paths.pseudo_report.exists() else {}
-    for n in names:  # a member not retrained now keeps an earlier accepted retrain (--model), if any
-        if n in chosen or n not in eligible or not enabled:
-            shutil.rmtree(paths.pseudo_member_dir(n), ignore_errors=True)
-        elif str(old.get(n, "")).startswith(str(paths.pseudo_member_dir(n))) and paths.pseudo_member_dir(n).exists():
-            checkpoints[n] = old[n]
+    for name in names:  # a member not retrained now keeps an earlier accepted retrain (--model), if any
+        if name in chosen or name not in eligible or not enabled:
+            shutil.rmtree(paths.pseudo_member_dir(name), ignore_errors=True)
+        elif str(old.get(name, "")).startswith(str(paths.pseudo_member_dir(name))) and paths.pseudo_member_dir(name).exists():
+            checkpoints[name] = old[name]
     reason = "pseudo.enabled is false" if not enabled else None if chosen else "no member has pseudo: true"
     if reason:
         paths.pseudo_csv.unlink(missing_ok=True)
@@ -54,7 +54,7 @@ def main() -> int:
         return 0
     report = run_rounds(cfg, paths, names, chosen, start=checkpoints)
     write_json(paths.pseudo_report, report)
-    print("stage 06 will use: " + ", ".join(f"{n} <- {c}" for n, c in report["checkpoints"].items()))
+    print("stage 06 will use: " + ", ".join(f"{name} <- {c}" for name, c in report["checkpoints"].items()))
     print(f"wrote {paths.pseudo_csv}, {paths.pseudo_report}, {paths.pseudo_png}")
     return 0
 

@@ -48,36 +48,37 @@ def main() -> int:
     if not names:
         raise ConfigError("no ensemble members configured (members: in the config)")
     table, embs = embed_members(cfg, paths, names)
-    weights = {n: member_config(cfg, n)["weight"] for n in names}
+    weights = {name: member_config(cfg, name)["weight"] for name in names}
     if len(names) > 1:
-        embs["ensemble"] = meta_embedding([embs[n] for n in names], [weights[n] for n in names])
+        embs["ensemble"] = meta_embedding([embs[name] for name in names], [weights[name] for name in names])
     final = "ensemble" if len(names) > 1 else names[0]
-    s, truth = cfg["search"], truth_frame(paths)
+    search, truth = cfg["search"], truth_frame(paths)
     table["encounter"] = encounters(paths, table)
-    kw = dict(index=s["index"], nlist=s["ivf_nlist"], nprobe=s["ivf_nprobe"], gpu=s["gpu"])
-    scores = {n: local_scores(e, table, truth, s["k"], s["new_whale_threshold"], s["new_whale_untuned"], **kw)
-              for n, e in embs.items()}
-    rr = rerank(cfg, paths, table, embs[final], truth, final, kw) if cfg["rerank"]["enabled"] else None
-    scores.update(rr["scores"] if rr else {})
+    index = dict(index=search["index"], nlist=search["ivf_nlist"], nprobe=search["ivf_nprobe"], gpu=search["gpu"])
+    scores = {name: local_scores(emb, table, truth, search["k"], search["new_whale_threshold"],
+                                 search["new_whale_untuned"], **index) for name, emb in embs.items()}
+    reranked = rerank(cfg, paths, table, embs[final], truth, final, index) if cfg["rerank"]["enabled"] else None
+    scores.update(reranked["scores"] if reranked else {})
     print(format_scores(scores))
 
-    thr = rr["threshold"] if rr else scores[final]["val"]["new_whale_threshold"]
-    report = write_submissions(paths, table, embs[final], thr, s, kw, rr)
-    retrieval_gallery(embs[final], table, paths.gallery_png, truth, s["gallery_queries"], s["gallery_k"], **kw)
-    extra = {"rerank": {"weight": rr["calibration"].weight, "new_whale_threshold": thr}} if rr else {}
+    threshold = reranked["threshold"] if reranked else scores[final]["val"]["new_whale_threshold"]
+    report = write_submissions(paths, table, embs[final], threshold, search, index, reranked)
+    retrieval_gallery(embs[final], table, paths.gallery_png, truth, search["gallery_queries"], search["gallery_k"],
+                      **index)
+    extra = {"rerank": {"weight": reranked["calibration"].weight, "new_whale_threshold": threshold}} if reranked else {}
     write_json(paths.scores_json, {"final": final, "weights": weights, "scores": scores, **report, **extra})
     print(f"wrote {paths.submission_csv}, {paths.submission_ids_csv}, {paths.scores_json}, {paths.gallery_png}"
-          + (f", {paths.rerank_dir}/" if rr else ""))
+          + (f", {paths.rerank_dir}/" if reranked else ""))
     return 0
 
 
-def rerank(cfg, paths, table, emb, truth, final, kw) -> dict:
+def rerank(cfg, paths, table, emb, truth, final, index) -> dict:
     """Local-feature re-ranking of the final embedding's shortlists (common/rerank.py)."""
     from common.evaluation import frequent_ids, table_groups
     from common.rerank import run
 
-    out = run(cfg, paths, table, emb, truth, frequent_ids(table), table_groups(table), kw, final)
-    out["scores"] = {f"{final}+{v}": out["scores"][v] for v in ("local", "fused")}
+    out = run(cfg, paths, table, emb, truth, frequent_ids(table), table_groups(table), index, final)
+    out["scores"] = {f"{final}+{variant}": out["scores"][variant] for variant in ("local", "fused")}
     return out
 
 

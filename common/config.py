@@ -98,7 +98,13 @@ def parse_value(raw: str) -> Any:
 
 
 def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
-    """Apply ``a.b.c=value`` strings in place (value parsed as YAML) and return cfg."""
+    """Apply ``a.b.c=value`` strings in place (value parsed as YAML) and return cfg. A mapping
+    merges into the section it names, as a profile does; ``members`` / ``ensemble`` are replaced.
+
+    >>> apply_overrides({"train": {"lr": 1, "epochs": 2}, "ensemble": {"a": 1, "b": 1}},
+    ...                 ["train={lr: 0.5}", "ensemble={a: 2}"])
+    {'train': {'lr': 0.5, 'epochs': 2}, 'ensemble': {'a': 2}}
+    """
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -110,6 +116,8 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
             if not isinstance(node.get(p), dict):
                 node[p] = {}
             node = node[p]
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict) and key.strip() not in REPLACE_KEYS:
+            value = merge(node[parts[-1]], value)
         node[parts[-1]] = value
     return cfg
 
@@ -119,6 +127,7 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
 # ---------------------------------------------------------------------------------------
 MEMBER_KEYS = ("model", "train", "augment", "pseudo", "enabled")   # what a `members:` entry may hold
 NULLABLE_SECTIONS = ("demo",)                                       # sections a profile may set to null
+RENAMED = {"train.fit": "train.rows"}                               # old key -> its name now
 
 
 def _unknown(key: str, known, where: str) -> ConfigError:
@@ -126,9 +135,14 @@ def _unknown(key: str, known, where: str) -> ConfigError:
 
     >>> str(_unknown("train.epoch", ["train.epochs", "train.lr"], "--set train.epoch=3"))
     "unknown config key 'train.epoch' in --set train.epoch=3 (did you mean 'train.epochs'?)"
+    >>> str(_unknown("members.m.train.fit", [], "p.yaml"))
+    "unknown config key 'members.m.train.fit' in p.yaml (renamed: 'members.m.train.rows')"
     """
+    old = next((o for o in RENAMED if key == o or key.endswith("." + o)), None)
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else f"; see {DEFAULT_YAML.relative_to(ROOT)} for every key"
+    if old:
+        hint = f" (renamed: {key[:len(key) - len(old)] + RENAMED[old]!r})"
     return ConfigError(f"unknown config key {key!r} in {where}{hint}")
 
 
@@ -237,7 +251,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
-        check_keys(_nested(item.split("=", 1)[0].strip(), None), defaults, f"--set {item}")
+        key, raw = item.split("=", 1)
+        check_keys(_nested(key.strip(), parse_value(raw)), defaults, f"--set {item}")
     cfg = apply_overrides(cfg, overrides)
     check_ensemble(cfg, f"{where} / --set" if overrides else where)
     return cfg

@@ -143,14 +143,6 @@ class Paths:
     def crop_image(self, split: str, name: str) -> Path:
         return self.crops_dir / split / name
 
-    def image(self, split: str, name: str, use_crops: bool = True) -> Path:
-        """The image later stages read: the fluke crop when stage 02 made one, else the raw photo."""
-        if use_crops:
-            crop = self.crop_image(split, name)
-            if crop.exists():
-                return crop
-        return self.raw_image(split, name)
-
     def pretrain_dir(self, name: str) -> Path:
         """Run folder of stage 03 for member ``name`` (logs, curves, last.pt)."""
         return self.models_dir / "pretrain" / name

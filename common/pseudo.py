@@ -100,15 +100,15 @@ def label_precision(labels: pd.DataFrame, truth: pd.DataFrame | None) -> float |
     return float(np.mean([t.get(i) == l for i, l in zip(labels["Image"], labels["Id"])]))
 
 
-def candidate_rows(clean: pd.DataFrame, fit: str) -> pd.Series:
+def candidate_rows(clean: pd.DataFrame, rows: str) -> pd.Series:
     """Known-identity rows of clean/train.csv a test image may be matched to.
 
-    ``fit=full``: every labelled row (singletons too: one pseudo image makes them trainable).
-    ``fit=local``: the non-validation rows, without the identities held out entirely for
+    ``rows=full``: every labelled row (singletons too: one pseudo image makes them trainable).
+    ``rows=local``: the non-validation rows, without the identities held out entirely for
     validation, so that no validation image leaks into training through a label.
     """
     known = clean["Id"] != NEW_WHALE
-    if fit == "full":
+    if rows == "full":
         return known
     val = clean["val"].astype(int) == 1
     trained = clean.groupby("Id")["train_local"].transform(lambda s: (s.astype(int) == 1).any())
@@ -221,7 +221,7 @@ def run_rounds(cfg: dict, paths, names: list[str], chosen: list[str], start: dic
     from .embedding_store import embed_members
     from .io import write_csv, write_json
     from .retrieval import meta_embedding
-    from .tables import clean_frame, train_frame, truth_frame, val_frame
+    from .tables import clean_frame, image_paths, train_frame, truth_frame, val_frame
 
     if fit_fn is None:
         from .training import fit as fit_fn
@@ -229,8 +229,8 @@ def run_rounds(cfg: dict, paths, names: list[str], chosen: list[str], start: dic
     p, clean, truth = cfg["pseudo"], clean_frame(paths), truth_frame(paths)
     members = {n: member_config(cfg, n) for n in names}
     current = {n: Path(start[n]) for n in names}
-    fits = {members[n]["train"]["fit"] for n in chosen}
-    cand = candidate_rows(clean, "local" if "local" in fits else "full")
+    row_modes = {members[n]["train"]["rows"] for n in chosen}
+    cand = candidate_rows(clean, "local" if "local" in row_modes else "full")
     max_count = int(float(p["max_share"]) * int((clean["Id"] != NEW_WHALE).sum()))
     rounds = []
     for r in range(1, int(p["rounds"]) + 1):
@@ -257,12 +257,12 @@ def run_rounds(cfg: dict, paths, names: list[str], chosen: list[str], start: dic
             break
         for n in chosen:
             member = members[n]
-            crops, fit_mode = member["model"]["use_crops"], member["train"]["fit"]
-            rows = training_rows(train_frame(paths, "train", fit_mode, crops), labels, clean,
-                                 candidate_rows(clean, fit_mode), lambda x: paths.image("test", x, crops),
-                                 lambda x: paths.image("train", x, crops))
+            crops, rows_of = member["model"]["use_crops"], member["train"]["rows"]
+            rows = training_rows(train_frame(paths, "train", rows_of, crops), labels, clean,
+                                 candidate_rows(clean, rows_of), image_paths(paths, "test", crops),
+                                 image_paths(paths, "train", crops))
             run_dir = paths.pseudo_round_dir(n, r)
-            result = fit_fn(member, rows, val_frame(paths, "train", crops) if fit_mode == "local" else None, run_dir,
+            result = fit_fn(member, rows, val_frame(paths, "train", crops) if rows_of == "local" else None, run_dir,
                             init=current[n], device=cfg["device"], epochs=int(p["epochs"]),
                             num_workers=int(cfg["num_workers"]), deterministic=bool(cfg["deterministic"]))
             verdict = judge(result, member, run_dir, bool(p["keep_worse"]))

@@ -6,12 +6,14 @@ own result list; an image is relevant when it has the query's Id (``new_whale`` 
 """
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable
+
 import pandas as pd
 
 from .config import ConfigError
 from .handoff import HandoffError
 from .paths import Paths
-
 
 
 def _need(path) -> pd.DataFrame:
@@ -25,18 +27,29 @@ def clean_frame(paths: Paths, split: str = "train") -> pd.DataFrame:
     return _need(paths.clean_pretrain_csv if split == "pretrain" else paths.clean_train_csv)
 
 
+def image_paths(paths: Paths, split: str, use_crops: bool = True) -> Callable[[str], Path]:
+    """Where later stages read each image of ``split``: its crop when stage 02's crops.csv lists
+    it (and ``use_crops``), else the raw photo. The hand-off is crops.csv, not which files exist."""
+    cropped: set[str] = set()
+    if use_crops and paths.crops_csv.exists():
+        crops = pd.read_csv(paths.crops_csv, usecols=["Image", "split"], dtype=str, keep_default_na=False)
+        cropped = set(crops.loc[crops["split"] == split, "Image"])
+    return lambda name: paths.crop_image(split, name) if name in cropped else paths.raw_image(split, name)
+
+
 def with_paths(df: pd.DataFrame, paths: Paths, split: str, use_crops: bool = True) -> pd.DataFrame:
     out = df.copy()
-    out["path"] = [str(paths.image(split, n, use_crops)) for n in out["Image"]]
+    where = image_paths(paths, split, use_crops)
+    out["path"] = [str(where(n)) for n in out["Image"]]
     return out
 
 
-def train_frame(paths: Paths, split: str = "train", fit: str = "local", use_crops: bool = True) -> pd.DataFrame:
-    """Metric-learning rows (Image, Id, path): ``fit=local`` → train_local rows, ``full`` → train_full."""
-    if fit not in ("local", "full"):
-        raise ConfigError(f"train.fit must be 'local' or 'full', not {fit!r}")
+def train_frame(paths: Paths, split: str = "train", rows: str = "local", use_crops: bool = True) -> pd.DataFrame:
+    """Metric-learning rows (Image, Id, path): ``rows=local`` → train_local rows, ``full`` → train_full."""
+    if rows not in ("local", "full"):
+        raise ConfigError(f"train.rows must be 'local' or 'full', not {rows!r}")
     df = clean_frame(paths, split)
-    df = df[df[f"train_{fit}"].astype(int) == 1]
+    df = df[df[f"train_{rows}"].astype(int) == 1]
     return with_paths(df, paths, split, use_crops)[["Image", "Id", "path"]].reset_index(drop=True)
 
 

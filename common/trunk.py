@@ -113,17 +113,11 @@ def cached_trunk(cache_dir, trunk: nn.Module, paths, train_idx, size, mean, std,
     if file.exists():
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
-            cache = TrunkCache.__new__(TrunkCache)
-            cache.views, cache.flip, cache.device, cache.seed = (int(state["views"]), bool(state["flip"]),
-                                                                kw.get("device", "cpu"), int(state["seed"]))
-            cache.paths, cache.train_idx = [str(p) for p in paths], np.asarray(train_idx, dtype=np.int64)
-            cache.plain, cache.train = state["plain"], state["train"]
-            return cache, True
+            return TrunkCache.from_state(state, paths, train_idx, kw.get("device", "cpu")), True
         except Exception as e:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
             print(f"trunk cache {file} unreadable ({type(e).__name__}): rebuilding it")
     cache = TrunkCache(trunk, paths, train_idx, size, mean, std, **kw)
-    save_torch(file, {"views": cache.views, "flip": cache.flip, "seed": cache.seed, "plain": cache.plain,
-                      "train": cache.train})
+    save_torch(file, cache.state())
     return cache, False
 
 
@@ -192,6 +186,20 @@ class TrunkCache:
             out[start:start + len(f)] = f
             start += len(f)
         return out
+
+    def state(self) -> dict:
+        """What :meth:`from_state` needs (saved by :func:`cached_trunk`): views, flip, seed, features."""
+        return {"views": self.views, "flip": self.flip, "seed": self.seed, "plain": self.plain, "train": self.train}
+
+    @classmethod
+    def from_state(cls, state: dict, paths, train_idx, device="cpu") -> "TrunkCache":
+        """The cache of :meth:`state`, without a trunk pass (``paths``/``train_idx`` as it was built on)."""
+        cache = cls.__new__(cls)
+        cache.views, cache.flip, cache.seed = int(state["views"]), bool(state["flip"]), int(state["seed"])
+        cache.device, cache.paths = device, [str(p) for p in paths]
+        cache.train_idx = np.asarray(train_idx, dtype=np.int64)
+        cache.plain, cache.train = state["plain"], state["train"]
+        return cache
 
     def nbytes(self) -> int:
         return self.plain.numel() * 2 + self.train.numel() * 2

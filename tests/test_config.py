@@ -46,6 +46,13 @@ def test_overrides_are_yaml_typed_and_nested():
     assert cfg["detector"]["boxes"] is None
 
 
+def test_a_mapping_override_merges_into_a_section_and_replaces_the_ensemble():
+    cfg = C.load_config("tiny", ["train={lr: 0.5}", "ensemble={lite0_64_do: 2}"])
+    assert cfg["train"]["lr"] == 0.5 and cfg["train"]["epochs"] == C.load_config("tiny")["train"]["epochs"]
+    assert cfg["ensemble"] == {"lite0_64_do": 2}
+    assert C.member_config(cfg, "lite0_64_do")["weight"] == 2.0
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.epoch=3", "unknown config key 'train.epoch' in --set train.epoch=3 (did you mean 'train.epochs'?)"),
     ("trian.lr=5", "unknown config key 'trian' in --set trian.lr=5 (did you mean 'train'?)"),
@@ -55,6 +62,8 @@ def test_overrides_are_yaml_typed_and_nested():
     ("pretrain.train.epochz=2", "did you mean 'pretrain.train.epochs'?"),
     ("ensemble.lite0_6=2", "ensemble.lite0_6 in configs/tiny.yaml / --set names no configured member (did you mean"),
     ("train=3", "train in --set train=3 is a section"),
+    ("train.fit=full", "unknown config key 'train.fit' in --set train.fit=full (renamed: 'train.rows')"),
+    ("ensemble={lite0_64: 1, zz: 2}", "ensemble.zz in configs/tiny.yaml / --set names no configured member"),
 ])
 def test_typos_in_overrides_are_rejected_with_a_suggestion(override, message):
     with pytest.raises(C.ConfigError) as e:

@@ -46,7 +46,7 @@ def test_shuffled_embedding_scores_lower_and_table_prints():
 
 @pytest.mark.parametrize("configured, untuned, expected, source", [(0.7, 0.5, 0.7, "config"), (None, 0.42, 0.42, "untuned")])
 def test_new_whale_threshold_without_validation_queries(configured, untuned, expected, source):
-    """No validation queries (e.g. train.fit=full data): the ID submission uses the configured
+    """No validation queries (e.g. train.rows=full data): the ID submission uses the configured
     threshold, else search.new_whale_untuned, never a hidden constant; the test scores use the same."""
     emb, table, truth = scene()
     table = table.assign(is_query=0)

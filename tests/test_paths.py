@@ -20,14 +20,8 @@ def test_artifacts_live_under_data_and_inputs_under_raw(tmp_path):
         p.raw_dir("val")
 
 
-def test_image_prefers_crop_and_pseudo_rounds_have_their_own_folders(tmp_path):
+def test_pseudo_rounds_have_their_own_folders(tmp_path):
     p = Paths(tmp_path / "raw", tmp_path / "art")
-    assert p.image("train", "a.jpg") == p.raw_image("train", "a.jpg")
-    crop = p.crop_image("train", "a.jpg")
-    crop.parent.mkdir(parents=True)
-    crop.write_bytes(b"x")
-    assert p.image("train", "a.jpg") == crop
-    assert p.image("train", "a.jpg", use_crops=False) == p.raw_image("train", "a.jpg")
     assert p.pseudo_round_dir("m", 1) != p.pseudo_round_dir("m", 2)
     assert p.pseudo_round_dir("m", 2).parent == p.pseudo_member_dir("m")
 
