@@ -20,6 +20,7 @@ import difflib
 import functools
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,15 +79,21 @@ def _read_yaml(path: Path) -> dict:
 
 
 def parse_value(raw: str) -> Any:
-    """YAML-typed value of an override; also reads ``1e-3`` as a float (plain YAML 1.1 would not).
+    """YAML-typed value of an override; also reads ``1e-3`` as a float (plain YAML 1.1 would not),
+    and a mapping written without spaces (``SET="ensemble={a:1,b:0.5}"``: make splits SET on
+    spaces) as YAML would read it with them.
 
     >>> parse_value("3"), parse_value("1e-3"), parse_value("[1, 2]"), parse_value("none"), parse_value("null")
     (3, 0.001, [1, 2], 'none', None)
+    >>> parse_value("{lite0_128:1.0,lite0_160_do:0.5}")
+    {'lite0_128': 1.0, 'lite0_160_do': 0.5}
     """
     if raw == "":
         return ""
     try:
         value = yaml.safe_load(raw)
+        if isinstance(value, dict) and any(v is None and ":" in str(k) for k, v in value.items()):
+            value = yaml.safe_load(re.sub(r"([:,])(?=\S)", r"\1 ", raw))
     except yaml.YAMLError:
         return raw
     if isinstance(value, str):
