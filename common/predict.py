@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from .io import ImageReadError, read_image, write_csv
+from .metrics import NEW_WHALE
 
 
 def crop_photos(cfg: dict, paths, photos: list[Path], out_dir: Path) -> list[Path]:
@@ -96,7 +97,7 @@ def predict(cfg: dict, paths, photos, top_k: int = 20, out=None) -> int:
     write_csv(dest, df)
     with pd.option_context("display.max_rows", None, "display.width", 160):
         for p, g in df.groupby("query", sort=False):
-            known = g[(g["Id"] != "") & (g["Id"] != "new_whale")]
+            known = g[(g["Id"] != "") & (g["Id"] != NEW_WHALE)]
             if thr is not None and (not len(known) or known["probability"].iloc[0] < thr):
                 best = (f"(best known Id {known['Id'].iloc[0]}, probability {known['probability'].iloc[0]:.3f}"
                         if len(known) else "(no known Id in the top-k") + f" < threshold {thr:.3f})"
