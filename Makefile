@@ -25,7 +25,9 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 VENV_OK := $(VENV)/.stamp
 
-ARGS := --raw $(RAW) --data $(DATA) --config $(CONFIG) $(foreach s,$(SET),--set $(s))
+# each override quoted: the shell must not brace-expand a mapping such as ensemble={a:1,b:0.5}
+SET_ARGS := $(foreach s,$(SET),--set '$(s)')
+ARGS := --raw $(RAW) --data $(DATA) --config $(CONFIG) $(SET_ARGS)
 CFG  := $(DATA)/.config
 STAGES := 00 01 02 03 04 05 06
 STAMPS := $(foreach s,demo $(STAGES),$(CFG)/$(s).json)
@@ -76,7 +78,7 @@ $(RAW)/train.csv: | $(VENV_OK) $(CFG)/demo.json
 	@if [ "$(abspath $(RAW))" != "$(abspath data/raw)" ] && [ -z "$(FORCE_DEMO)" ]; then \
 	  echo "error: no competition at $(RAW) (train.csv missing). Point RAW at a Kaggle-layout folder," \
 	       "or omit RAW to use the demo competition in data/raw." >&2; exit 2; fi
-	$(PY) -m common.demo_data --out $(RAW) --config $(CONFIG) $(foreach s,$(SET),--set $(s))
+	$(PY) -m common.demo_data --out $(RAW) --config $(CONFIG) $(SET_ARGS)
 
 $(OUT_00): $(CODE_00) $(RAW)/train.csv $(CFG)/00.json | $(VENV_OK)
 	$(PY) 00_clean_data.py $(ARGS)
@@ -121,10 +123,10 @@ browser:
 BENCH ?= all
 SEEDS ?= 1
 bench: $(VENV_OK)  ## ablations on RAW: one row per technique (BENCH=name,... subset; SEEDS=3): DATA/bench/ablation.{csv,md,png}
-	$(PY) -m common.ablation --raw $(RAW) --data $(DATA) --config $(CONFIG) $(foreach s,$(SET),--set $(s)) --variants $(BENCH) --seeds $(SEEDS)
+	$(PY) -m common.ablation --raw $(RAW) --data $(DATA) --config $(CONFIG) $(SET_ARGS) --variants $(BENCH) --seeds $(SEEDS)
 
 bench-targets: $(VENV_OK)  ## the demo's quality/speed targets (fresh make all into DATA/bench; BENCH_ARGS=--variants)
-	$(PY) tests/benchmarks.py --raw $(RAW) --data $(DATA)/bench --config $(CONFIG) $(foreach s,$(SET),--set $(s)) $(BENCH_ARGS)
+	$(PY) tests/benchmarks.py --raw $(RAW) --data $(DATA)/bench --config $(CONFIG) $(SET_ARGS) $(BENCH_ARGS)
 
 bench-speed: $(VENV_OK)  ## speed ratios: faiss vs sklearn vs numpy search, extraction and training vs bare model (DATA/bench/speed.md)
 	$(PY) -m common.speed --data $(DATA) $(SPEED_ARGS)

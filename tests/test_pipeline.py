@@ -81,6 +81,14 @@ def test_make_stage_passes_the_member_to_03_04_05(competition):
         assert "--model lite0_64" in make("-n", stage, *args).stdout
 
 
+def test_make_passes_a_mapping_override_unexpanded(competition):
+    """SET="ensemble={a:1,b:0.5}" reaches the stage as one --set (bash would brace-expand it unquoted)."""
+    args = ["PROFILE=tiny", f"RAW={competition / 'raw'}", f"DATA={competition / 'data'}",
+            "SET=ensemble={lite0_64:1,lite0_64_do:0.5} train.lr=3e-3"]
+    out = make("-n", "06", *args).stdout
+    assert "--set 'ensemble={lite0_64:1,lite0_64_do:0.5}' --set 'train.lr=3e-3'" in out, out
+
+
 def test_make_all_refuses_a_missing_competition(tmp_path):
     out = make("all", "PROFILE=tiny", f"RAW={tmp_path / 'none'}", f"DATA={tmp_path / 'data'}", check=False)
     assert out.returncode != 0
