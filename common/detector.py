@@ -39,12 +39,21 @@ def setup_ultralytics(config_dir) -> None:
     """Keep ultralytics offline and inside ``config_dir`` (its settings, weights, datasets, runs).
 
     Also places a local stand-in for the Arial font ultralytics wants for labels, so it never
-    tries to download one.
+    tries to download one, and keeps torch's CPU threads: ultralytics sets OMP_NUM_THREADS=1 when
+    it is unset and trains on ``cpu_count - 1`` threads, i.e. one of a 2-core machine's two.
     """
+    import torch
+
+    threads = torch.get_num_threads()  # all cores, or what the user set with OMP_NUM_THREADS
     config_dir = Path(config_dir).resolve()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(config_dir))
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     import ultralytics.utils as uu
+    import ultralytics.utils.torch_utils as ut
+
+    ut.NUM_THREADS = threads  # select_device() sets torch.set_num_threads(NUM_THREADS) for CPU runs
+    torch.set_num_threads(threads)
     from ultralytics import settings
     from ultralytics.utils import USER_CONFIG_DIR
 

@@ -36,6 +36,19 @@ def test_results_csv_is_read_and_plotted(tmp_path):
     assert detector.read_results(tmp_path / "none") == [] and detector.plot_history([], tmp_path / "d.png") is None
 
 
+def test_ultralytics_keeps_torch_cpu_threads(tmp_path):
+    """ultralytics trains on min(8, cpu_count - 1) CPU threads (1 on a 2-core machine) and sets
+    OMP_NUM_THREADS=1; after setup_ultralytics its CPU device keeps torch's threads (9: above its cap)."""
+    code = ("import os, torch; torch.set_num_threads(9)\n"
+            "from common.detector import setup_ultralytics; setup_ultralytics(os.environ['CFG'])\n"
+            "from ultralytics.utils.torch_utils import select_device; select_device('cpu', verbose=False)\n"
+            "print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "CFG": str(tmp_path)},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out[-2:] == ["9", "9"]
+
+
 def plant(root, data, n_train=16, n_test=4, boxes=True):
     """Grey-noise photos with a dark ellipse 'fluke', boxes.csv (makesense, no header), clean CSVs."""
     rng = np.random.default_rng(0)
