@@ -14,6 +14,9 @@ symmetric, so a mirrored match is never evidence of the same animal.
 
 Features are cached per image under ``cache_dir/<split>/<Image>.npz`` with the image's path,
 mtime and size and the extraction settings; a cached file is reused while all of them match.
+Inlier counts of matched pairs are cached too (:class:`PairCache`, ``cache_dir/pairs.npz``),
+keyed by both images' feature keys and the matching settings: stage 06 reuses what stage 05
+matched, and a rerun with another fusion weight matches nothing again.
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ class Features:
     xy: np.ndarray    # (n, 2) float32 keypoint positions in the resized image
     desc: np.ndarray  # (n, 128) float32 RootSIFT descriptors
     scale: float      # resized px per original image px (to draw on the original image)
+    key: str = ""     # the cache key it was stored under (image file + settings); "" = not cached
 
     def __len__(self) -> int:
         return len(self.xy)
@@ -94,7 +98,7 @@ def _load(cache_file: Path, key: str) -> Features | None:
         with np.load(cache_file, allow_pickle=False) as z:
             if str(z["key"]) != key:
                 return None
-            return Features(z["xy"].astype(np.float32), z["desc"].astype(np.float32), float(z["scale"]))
+            return Features(z["xy"].astype(np.float32), z["desc"].astype(np.float32), float(z["scale"]), key)
     except (OSError, KeyError, ValueError):  # unreadable or old-format file: recompute
         return None
 
@@ -198,3 +202,63 @@ def match_many(feats: Sequence[Features], pairs: Sequence[tuple[int, int]], rati
         it = pool.map(one, pairs, chunksize=64)
         out = list(tqdm(it, total=len(pairs), desc=desc, disable=not progress or not len(pairs), mininterval=1.0))
     return np.asarray(out, dtype=np.int32)
+
+
+class PairCache:
+    """Inlier counts of matched pairs on disk, keyed by a 64-bit digest of both images' feature
+    keys (path, mtime, size, extraction settings) and the matching settings: a changed crop or
+    setting is simply a new key. Pairs of uncached features (empty key) are never stored.
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> a, b = Features(np.zeros((0, 2)), np.zeros((0, 128)), 1.0, "a"), Features(np.zeros((0, 2)), np.zeros((0, 128)), 1.0, "b")
+    >>> c = PairCache(Path(d) / "pairs.npz", {"ratio": 0.8})
+    >>> c.put([(a, b)], [7]); c.save(); PairCache(Path(d) / "pairs.npz", {"ratio": 0.8}).get([(a, b), (b, a)])
+    [7, None]
+    >>> PairCache(Path(d) / "pairs.npz", {"ratio": 0.7}).get([(a, b)])
+    [None]
+    """
+
+    def __init__(self, path, settings: dict):
+        self.path, self.dirty = Path(path), False
+        self.salt = json.dumps({**settings, "v": 1}, sort_keys=True, default=str)
+        self.scores: dict[int, int] = {}
+        if self.path.exists():
+            try:
+                with np.load(self.path, allow_pickle=False) as z:
+                    self.scores = dict(zip(z["ids"].tolist(), z["inliers"].tolist()))
+            except (OSError, KeyError, ValueError):  # unreadable: start afresh
+                self.scores = {}
+
+    def _id(self, a: Features, b: Features) -> int | None:
+        import hashlib
+
+        if not a.key or not b.key:
+            return None
+        h = hashlib.blake2b(f"{a.key}\0{b.key}\0{self.salt}".encode(), digest_size=8).digest()
+        return int.from_bytes(h, "little") >> 1  # fits int64
+
+    def get(self, pairs) -> list:
+        """Cached inlier count of each ``(a, b)`` Features pair, or None."""
+        out = []
+        for a, b in pairs:
+            i = self._id(a, b)
+            out.append(None if i is None else self.scores.get(i))
+        return out
+
+    def put(self, pairs, inliers) -> None:
+        for (a, b), n in zip(pairs, inliers):
+            i = self._id(a, b)
+            if i is not None:
+                self.scores[i] = int(n)
+                self.dirty = True
+
+    def save(self) -> None:
+        if not self.dirty:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ids = np.fromiter(self.scores.keys(), np.int64, len(self.scores))
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, ids=ids, inliers=np.fromiter(self.scores.values(), np.int32, len(self.scores)))
+        self.dirty = False

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from .local_features import compute_features, match_many, match_pair
+from pathlib import Path
+
+from .local_features import PairCache, compute_features, match_many, match_pair
 from .evaluation import seen_unseen
 from .metrics import NEW_WHALE, image_scores, kaggle_map5, relevance, subset_scores
 from .retrieval import l2_normalize, rank_identities, relevant_counts, search
@@ -107,14 +109,17 @@ def shortlist(emb, q_rows, db_rows, depth: int, exclude_self: bool = True, group
 
 class LocalScorer:
     """Inlier counts between rows of a database table (``split, Image, path``), features from
-    the per-image cache, each pair matched once per run."""
+    the per-image cache, each pair matched once (its inlier count kept in ``cache_dir/pairs.npz``
+    for later stages and reruns)."""
 
     def __init__(self, table: pd.DataFrame, rcfg: dict, cache_dir, progress: bool = True):
         self.table, self.r, self.cache_dir, self.progress = table, rcfg, cache_dir, progress
         self.feats: dict = {}
         self.pairs: dict = {}
+        self.pair_cache = PairCache(Path(cache_dir) / "pairs.npz",
+                                    {k: rcfg[k] for k in ("ratio", "ransac_threshold", "method", "min_matches")})
         self.seconds = {"features": 0.0, "matching": 0.0}
-        self.counts = {"cached": 0, "computed": 0, "pairs": 0}
+        self.counts = {"cached": 0, "computed": 0, "pairs": 0, "pairs_cached": 0}
 
     def add(self, keys, items, cache_dir=None) -> None:
         """Features of ``items`` ``(split, name, path)`` under ``keys`` (extra images, e.g. --predict)."""
@@ -143,10 +148,16 @@ class LocalScorer:
         keys = list(self.feats)
         where = {k: i for i, k in enumerate(keys)}
         flist = [self.feats[k] for k in keys]
+        known = self.pair_cache.get([(self.feats[a], self.feats[b]) for a, b in todo])
+        self.pairs.update((p, n) for p, n in zip(todo, known) if n is not None)
+        todo = [p for p, n in zip(todo, known) if n is None]
         got = match_many(flist, [(where[a], where[b]) for a, b in todo], r["ratio"], r["ransac_threshold"],
                          r["method"], r["min_matches"], r["threads"], self.progress, desc)
         self.pairs.update(zip(todo, got.tolist()))
+        self.pair_cache.put([(self.feats[a], self.feats[b]) for a, b in todo], got.tolist())
+        self.pair_cache.save()
         self.counts["pairs"] += len(todo)
+        self.counts["pairs_cached"] += len(known) - len(todo)
         self.seconds["matching"] += time.perf_counter() - t
         return np.array([[self.pairs[(q, int(c))] if c >= 0 else 0 for c in row] for q, row in zip(q_keys, idx)],
                         dtype=np.int32).reshape(idx.shape)
@@ -340,7 +351,8 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
     matches_plot(scorer, table, report.pop("sample"), paths.matches_png)
     write_json(paths.rerank_report, {**report, "scores": scores})
     log(f"local features: {scorer.counts['computed']} computed, {scorer.counts['cached']} from the cache "
-        f"({report['seconds']['features']} s); {scorer.counts['pairs']} pairs matched ({report['seconds']['matching']} s)")
+        f"({report['seconds']['features']} s); {scorer.counts['pairs']} pairs matched ({report['seconds']['matching']} s), "
+        f"{scorer.counts['pairs_cached']} from the pair cache")
     return {"calibration": cal, "scores": scores, **lists}
 
 

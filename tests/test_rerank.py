@@ -72,3 +72,35 @@ def test_encounters_come_from_train_csv_and_the_test_mapping(tmp_path):
     (raw / "test_encounters.csv").unlink()
     pd.DataFrame({"Image": ["a.jpg"], "Id": ["w1"]}).to_csv(raw / "train.csv", index=False)
     assert encounters(Paths(raw, tmp_path / "data"), table) == ["", "", "", ""]
+
+
+def test_pair_scores_are_cached_across_scorers_until_an_image_or_setting_changes(tmp_path):
+    import os
+
+    import cv2
+    from common.config import load_config
+    from common.rerank import LocalScorer
+    from test_local_features import scene, transformed
+
+    rows = []
+    for i, img in enumerate([scene(1, 200), transformed(scene(1, 200)), scene(2, 200), scene(3, 200)]):
+        p = tmp_path / f"im{i}.png"
+        cv2.imwrite(str(p), img)
+        rows.append({"split": "train", "Image": p.name, "path": str(p)})
+    table = pd.DataFrame(rows)
+    r = dict(load_config(None)["rerank"], size=200, max_keypoints=200)
+    idx = np.array([[1, 2, 3], [0, 2, 3]])
+    first = LocalScorer(table, r, tmp_path / "f", progress=False)
+    s1 = first.scores([0, 1], idx)
+    assert first.counts["pairs"] == 6 and first.counts["pairs_cached"] == 0 and s1[0, 0] >= 20
+    again = LocalScorer(table, r, tmp_path / "f", progress=False)
+    assert np.array_equal(again.scores([0, 1], idx), s1)
+    assert again.counts["pairs"] == 0 and again.counts["pairs_cached"] == 6
+    cv2.imwrite(rows[3]["path"], scene(9, 200))
+    os.utime(rows[3]["path"], ns=(1, 1))  # a changed image: only its two pairs are matched again
+    changed = LocalScorer(table, r, tmp_path / "f", progress=False)
+    changed.scores([0, 1], idx)
+    assert changed.counts["pairs"] == 2 and changed.counts["pairs_cached"] == 4
+    other = LocalScorer(table, dict(r, ratio=0.7), tmp_path / "f", progress=False)
+    other.scores([0, 1], idx)
+    assert other.counts["pairs"] == 6  # other matching settings: nothing reused
