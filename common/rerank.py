@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from pathlib import Path
 
 from .local_features import PairCache, compute_features, match_many, match_pair
 from .evaluation import seen_unseen
