@@ -59,7 +59,7 @@ def main() -> int:
                                  search["new_whale_untuned"], **index) for name, emb in embs.items()}
     reranked = rerank(cfg, paths, table, embs[final], truth, final, index) if cfg["rerank"]["enabled"] else None
     scores.update(reranked["scores"] if reranked else {})
-    print(format_scores(scores))
+    print(format_scores(scores) + (f"\n{reranked['note']}" if reranked else ""))
 
     threshold = reranked["threshold"] if reranked else scores[final]["val"]["new_whale_threshold"]
     report = write_submissions(paths, table, embs[final], threshold, search, index, reranked)

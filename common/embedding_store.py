@@ -22,11 +22,13 @@ from .io import atomic_path
 
 
 def database_table(train: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
-    """The search database: train rows (Image, Id, path, is_query) then test rows (Image, path);
-    columns ``split, Image, Id, path, is_query`` (test: Id '', is_query 0)."""
+    """The search database: train rows (Image, Id, path, is_query[, held_out]) then test rows (Image, path);
+    columns ``split, Image, Id, path, is_query, held_out`` (test: Id '', is_query 0, held_out 0)."""
     tr = train.assign(split="train")
-    te = test.assign(split="test", Id="", is_query=0)
-    cols = ["split", "Image", "Id", "path", "is_query"]
+    if "held_out" not in tr:
+        tr = tr.assign(held_out=0)
+    te = test.assign(split="test", Id="", is_query=0, held_out=0)
+    cols = ["split", "Image", "Id", "path", "is_query", "held_out"]
     table = pd.concat([tr[cols], te[cols]], ignore_index=True)
     dup = table["Image"][table["Image"].duplicated()]
     if len(dup):

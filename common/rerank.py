@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import ConfigError
 from .local_features import PairCache, compute_features, match_many, match_pair
 from .evaluation import seen_unseen
 from .metrics import NEW_WHALE, image_scores, kaggle_map5, relevance, subset_scores
@@ -210,13 +211,36 @@ def calibration_pairs(emb, table, q_rows, db_rows, idx, n_random: int, groups, s
     return qs, cs, cos, np.array(ws, np.float64)
 
 
+VAL_QUERIES = ("queries", "held_out")
+
+
+def validation_queries(table: pd.DataFrame, which: str) -> np.ndarray:
+    """Table rows the fusion is calibrated and its weight chosen on: ``queries`` = the local-validation
+    queries (one per identity); ``held_out`` = those plus every other image of the identities local
+    training never saw (each searched against the rest), the only other photos the embedding has not
+    been fitted to. Those stand for new individuals, which is what a test set is mostly made of, and
+    turn a few dozen validation queries into hundreds.
+
+    >>> t = pd.DataFrame({"split": ["train"] * 4 + ["test"], "is_query": [1, 0, 1, 0, 0], "held_out": [0, 0, 1, 1, 0]})
+    >>> validation_queries(t, "queries").tolist(), validation_queries(t, "held_out").tolist()
+    ([0, 2], [0, 2, 3])
+    """
+    if which not in VAL_QUERIES:
+        raise ConfigError(f"rerank.val_queries must be one of {', '.join(VAL_QUERIES)}, got {which!r}")
+    train = (table["split"] == "train").to_numpy()
+    pick = table["is_query"].to_numpy().astype(bool)
+    if which == "held_out" and "held_out" in table:
+        pick |= table["held_out"].to_numpy().astype(bool)
+    return np.flatnonzero(train & pick)
+
+
 def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int = 20, groups=None,
              search_kw: dict | None = None, log=print) -> tuple[Calibration, dict, dict]:
     """Fit the calibration on local validation, pick the fusion weight, score the variants.
     Returns ``(calibration, {variant: val scores}, report)``."""
     search_kw = search_kw or {}
     tr = np.flatnonzero((table["split"] == "train").to_numpy())
-    q = tr[table["is_query"].to_numpy()[tr].astype(bool)]
+    q = validation_queries(table, rcfg["val_queries"])
     ids = table["Id"].to_numpy(object)
     depth = max(int(rcfg["shortlist"]), k)
     cos, idx = shortlist(emb, q, tr, depth, True, groups, **{**search_kw, "gpu": False})
@@ -247,13 +271,14 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
         out[name]["map5_nw"], out[name]["new_whale_threshold"] = _nw_scores(f, i, ids, truth)
     cal.new_whale_threshold = out["fused"]["new_whale_threshold"]
     pos = y.astype(bool)
-    report = {"n_queries": int(len(q)), "shortlist": depth, "pairs_shortlist": int(valid.sum()),
+    report = {"n_queries": int(len(q)), "val_queries": rcfg["val_queries"],
+              "n_held_out_queries": int(len(q) - table["is_query"].to_numpy()[q].astype(bool).sum()), "shortlist": depth, "pairs_shortlist": int(valid.sum()),
               "pairs_random": int(len(rq)), "positives": int(pos.sum()), "weight_mode": fw, "weight": cal.weight,
               "grid": {str(g): {m: round(v, 5) for m, v in s.items() if m != "n_queries"} for g, s in grid.items()},
               "pairs": {"p_emb": cal.p_emb(x_cos).tolist(), "p_local": cal.p_local(x_inl).tolist(),
                         "same": pos.tolist(), "weight": w.tolist()}}
-    log(f"fusion weight {cal.weight:.2f} ({'chosen on validation' if fw == 'auto' else 'set'}); "
-        f"calibrated on {valid.sum()} shortlist + {len(rq)} random validation pairs ({pos.sum()} same individual)")
+    log(f"fusion weight {cal.weight:.2f} ({'chosen on validation' if fw == 'auto' else 'set'}) on {len(q)} queries "
+        f"({report['n_held_out_queries']} of them photos of held-out identities); calibrated on {valid.sum()} shortlist + {len(rq)} random validation pairs ({pos.sum()} same individual)")
     return cal, out, {**report, "sample": _sample_pairs(q, idx, inl, cal)}
 
 
@@ -352,7 +377,11 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
     log(f"local features: {scorer.counts['computed']} computed, {scorer.counts['cached']} from the cache "
         f"({report['seconds']['features']} s); {scorer.counts['pairs']} pairs matched ({report['seconds']['matching']} s), "
         f"{scorer.counts['pairs_cached']} from the pair cache")
-    return {"calibration": cal, "scores": scores, **lists}
+    e = val["embedding"]
+    note = (f"val.* of the +local/+fused rows: {report['n_queries']} queries ({report['n_held_out_queries']} of them "
+            f"photos of identities held out of training, rerank.val_queries: {r['val_queries']}); the embedding "
+            f"alone on those: map20 {e['map20']:.4f}, top1 {e['top1']:.4f}, hit20 {e['hit20']:.4f}")
+    return {"calibration": cal, "scores": scores, "note": note, **lists}
 
 
 # ---- figures -------------------------------------------------------------------------------------------

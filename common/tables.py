@@ -13,6 +13,7 @@ import pandas as pd
 
 from .config import ConfigError
 from .handoff import HandoffError
+from .metrics import NEW_WHALE
 from .paths import Paths
 
 
@@ -54,11 +55,27 @@ def train_frame(paths: Paths, split: str = "train", rows: str = "local", use_cro
 
 
 def val_frame(paths: Paths, split: str = "train", use_crops: bool = True) -> pd.DataFrame:
-    """Validation database (Image, Id, path, is_query): every usable image; queries flagged."""
+    """Validation database (Image, Id, path, is_query, held_out): every usable image; queries flagged;
+    ``held_out`` marks every image of the identities local training never sees (clean.unseen_frac),
+    which are uncontaminated queries too (the local-feature fusion validates on them)."""
     df = clean_frame(paths, split)
     df = with_paths(df, paths, split, use_crops)
     df["is_query"] = df["val"].astype(int)
-    return df[["Image", "Id", "path", "is_query"]].reset_index(drop=True)
+    df["held_out"] = held_out_rows(df).astype(int)
+    return df[["Image", "Id", "path", "is_query", "held_out"]].reset_index(drop=True)
+
+
+def held_out_rows(flags: pd.DataFrame) -> pd.Series:
+    """Rows of identities with >= 2 images none of which local training uses (not new_whale).
+
+    >>> t = pd.DataFrame({"Id": ["a", "a", "b", "b", "c", "new_whale", "new_whale"],
+    ...                   "train_local": [1, 0, 0, 0, 0, 0, 0]})
+    >>> held_out_rows(t).tolist()
+    [False, False, True, True, False, False, False]
+    """
+    g = flags.groupby("Id")["train_local"]
+    used, size = g.transform("sum"), g.transform("size")
+    return (used == 0) & (size >= 2) & (flags["Id"] != NEW_WHALE)
 
 
 def test_frame(paths: Paths, use_crops: bool = True) -> pd.DataFrame:

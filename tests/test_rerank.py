@@ -1,6 +1,7 @@
 """Calibration, fusion and re-ranking of shortlists (common/rerank.py), grouped search."""
 import numpy as np
 import pandas as pd
+import pytest
 
 from common.paths import Paths
 from common.rerank import Calibration, apply_isotonic, fit_calibration, fit_isotonic, reorder, shortlist
@@ -104,3 +105,39 @@ def test_pair_scores_are_cached_across_scorers_until_an_image_or_setting_changes
     other = LocalScorer(table, dict(r, ratio=0.7), tmp_path / "f", progress=False)
     other.scores([0, 1], idx)
     assert other.counts["pairs"] == 6  # other matching settings: nothing reused
+
+
+class _IdentityScorer:
+    """Stands in for LocalScorer: many inliers for the same identity, few otherwise."""
+
+    def __init__(self, ids, seed=0):
+        self.ids, self.rng = np.asarray(ids, object), np.random.default_rng(seed)
+
+    def scores(self, q_rows, idx, desc=""):
+        same = self.ids[np.clip(idx, 0, None)] == self.ids[np.asarray(q_rows)][:, None]
+        return np.where(idx < 0, 0, np.where(same, 30, 0) + self.rng.integers(0, 4, idx.shape))
+
+
+def test_fusion_validates_on_every_photo_of_the_held_out_identities():
+    from common.rerank import validate
+
+    rng = np.random.default_rng(0)
+    n_ids, per = 12, 5
+    ids = np.repeat([f"w{i}" for i in range(n_ids)], per)
+    held = np.isin(ids, ["w10", "w11"])                       # never trained: every photo is a query
+    query = np.zeros(len(ids), int)
+    query[::per] = 1                                         # one query per identity
+    centres = rng.normal(size=(n_ids, 16))
+    emb = np.repeat(centres, per, axis=0) + rng.normal(scale=1.5, size=(len(ids), 16))
+    table = pd.DataFrame({"split": "train", "Image": [f"{i}.jpg" for i in range(len(ids))], "Id": ids,
+                          "path": "", "is_query": query, "held_out": held.astype(int)})
+    rcfg = {"shortlist": 10, "calib_random": 5, "seed": 0, "fusion_weight": "auto", "select_metric": "map20"}
+    reports = {}
+    for which in ("queries", "held_out"):
+        cal, val, rep = validate(emb, table, _IdentityScorer(ids), {**rcfg, "val_queries": which}, k=5, log=lambda *a: None)
+        reports[which] = rep
+        assert 0.0 <= cal.weight <= 1.0 and val["local"]["top1"] == 1.0  # 30 inliers always win
+    assert reports["queries"]["n_queries"] == n_ids and reports["queries"]["n_held_out_queries"] == 0
+    assert reports["held_out"]["n_queries"] == n_ids + 2 * (per - 1) and reports["held_out"]["n_held_out_queries"] == 8
+    with pytest.raises(ValueError, match="rerank.val_queries must be one of queries, held_out"):
+        validate(emb, table, _IdentityScorer(ids), {**rcfg, "val_queries": "all"}, k=5, log=lambda *a: None)
