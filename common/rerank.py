@@ -80,10 +80,16 @@ class Calibration:
         return cls(d["emb"], d["local"], float(d["weight"]), float(d["new_whale_threshold"]), d.get("info", {}))
 
 
-def fit_calibration(cos, inliers, same, weight=None) -> Calibration:
-    """Isotonic calibrations of cosine and inlier count on labelled pairs (``same``: bool)."""
+def fit_calibration(cos, inliers, same, weight=None, local_rows=None) -> Calibration:
+    """Isotonic calibrations of cosine and inlier count on labelled pairs (``same``: bool);
+    ``local_rows`` (bool mask or indices) restricts the inlier-count fit to those pairs."""
     same = np.asarray(same, dtype=np.float64)
-    return Calibration(fit_isotonic(cos, same, weight), fit_isotonic(inliers, same, weight))
+    w = np.ones(len(same)) if weight is None else np.asarray(weight, np.float64)
+    sel = np.arange(len(same)) if local_rows is None else np.asarray(local_rows)
+    return Calibration(fit_isotonic(cos, same, weight), fit_isotonic(np.asarray(inliers)[sel], same[sel], w[sel]))
+
+
+LOCAL_CALIBRATION = ("shortlist", "ranking")
 
 
 def reorder(scores, idx, order_key=None):
@@ -253,7 +259,13 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     x_inl = np.concatenate([inl[valid], rinl])
     y = np.concatenate([same_sl[valid], (ids[rc] == ids[rq]) & (ids[rq] != NEW_WHALE)])
     w = np.concatenate([np.ones(int(valid.sum())), rw])
-    cal = fit_calibration(x_cos, x_inl, y, w)
+    if rcfg["local_calibration"] not in LOCAL_CALIBRATION:
+        raise ConfigError(f"rerank.local_calibration must be one of {', '.join(LOCAL_CALIBRATION)}, "
+                          f"got {rcfg['local_calibration']!r}")
+    # inliers are only ever counted for shortlist candidates: P_local is fitted there (shortlist) or,
+    # like the cosine, on the whole ranking (ranking), where the many random pairs make a few inliers mean nothing
+    local_rows = np.arange(int(valid.sum())) if rcfg["local_calibration"] == "shortlist" else None
+    cal = fit_calibration(x_cos, x_inl, y, w, local_rows)
     gr = None if groups is None else (groups[q], groups[tr])
     n_rel = relevant_counts(ids[q], ids[tr], True, gr)
     truth = [t if c > 0 else NEW_WHALE for t, c in zip(ids[q], n_rel)]

@@ -131,7 +131,8 @@ def test_fusion_validates_on_every_photo_of_the_held_out_identities():
     emb = np.repeat(centres, per, axis=0) + rng.normal(scale=1.5, size=(len(ids), 16))
     table = pd.DataFrame({"split": "train", "Image": [f"{i}.jpg" for i in range(len(ids))], "Id": ids,
                           "path": "", "is_query": query, "held_out": held.astype(int)})
-    rcfg = {"shortlist": 10, "calib_random": 5, "seed": 0, "fusion_weight": "auto", "select_metric": "map20"}
+    rcfg = {"shortlist": 10, "calib_random": 5, "seed": 0, "fusion_weight": "auto", "select_metric": "map20",
+            "local_calibration": "ranking"}
     reports = {}
     for which in ("queries", "held_out"):
         cal, val, rep = validate(emb, table, _IdentityScorer(ids), {**rcfg, "val_queries": which}, k=5, log=lambda *a: None)
@@ -141,3 +142,20 @@ def test_fusion_validates_on_every_photo_of_the_held_out_identities():
     assert reports["held_out"]["n_queries"] == n_ids + 2 * (per - 1) and reports["held_out"]["n_held_out_queries"] == 8
     with pytest.raises(ValueError, match="rerank.val_queries must be one of queries, held_out"):
         validate(emb, table, _IdentityScorer(ids), {**rcfg, "val_queries": "all"}, k=5, log=lambda *a: None)
+    with pytest.raises(ValueError, match="rerank.local_calibration must be one of shortlist, ranking"):
+        validate(emb, table, _IdentityScorer(ids), {**rcfg, "val_queries": "queries", "local_calibration": "x"}, k=5,
+                 log=lambda *a: None)
+
+
+def test_local_calibration_on_shortlist_pairs_ignores_the_random_pairs_beyond():
+    rng = np.random.default_rng(3)
+    sl_inl, sl_same = rng.integers(0, 12, 400), rng.random(400) < 0.4     # shortlist: many positives
+    far_inl, far_same = rng.integers(0, 6, 2000), np.zeros(2000, bool)      # beyond it: none
+    inl, same = np.concatenate([sl_inl, far_inl]), np.concatenate([sl_same, far_same])
+    cos = np.concatenate([rng.uniform(0.5, 1, 400), rng.uniform(-0.2, 0.5, 2000)])
+    w = np.concatenate([np.ones(400), np.full(2000, 5.0)])
+    ranking = fit_calibration(cos, inl, same, w)
+    shortlist_only = fit_calibration(cos, inl, same, w, local_rows=np.arange(400))
+    assert shortlist_only.local == fit_isotonic(sl_inl, sl_same)
+    assert shortlist_only.emb == ranking.emb                                  # the cosine keeps the whole ranking
+    assert shortlist_only.p_local([3])[0] > ranking.p_local([3])[0]          # a few inliers count for more
