@@ -245,8 +245,12 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     """Fit the calibration on local validation, pick the fusion weight, score the variants.
     Returns ``(calibration, {variant: val scores}, report)``."""
     search_kw = search_kw or {}
+    if rcfg["local_calibration"] not in LOCAL_CALIBRATION:
+        raise ConfigError(f"rerank.local_calibration must be one of {', '.join(LOCAL_CALIBRATION)}, "
+                          f"got {rcfg['local_calibration']!r}")
     tr = np.flatnonzero((table["split"] == "train").to_numpy())
     q = validation_queries(table, rcfg["val_queries"])
+    n_held_out = int(len(q) - table["is_query"].to_numpy()[q].astype(bool).sum())
     ids = table["Id"].to_numpy(object)
     depth = max(int(rcfg["shortlist"]), k)
     cos, idx = shortlist(emb, q, tr, depth, True, groups, **{**search_kw, "gpu": False})
@@ -259,9 +263,6 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     x_inl = np.concatenate([inl[valid], rinl])
     y = np.concatenate([same_sl[valid], (ids[rc] == ids[rq]) & (ids[rq] != NEW_WHALE)])
     w = np.concatenate([np.ones(int(valid.sum())), rw])
-    if rcfg["local_calibration"] not in LOCAL_CALIBRATION:
-        raise ConfigError(f"rerank.local_calibration must be one of {', '.join(LOCAL_CALIBRATION)}, "
-                          f"got {rcfg['local_calibration']!r}")
     # inliers are only ever counted for shortlist candidates: P_local is fitted there (shortlist) or,
     # like the cosine, on the whole ranking (ranking), where the many random pairs make a few inliers mean nothing
     local_rows = np.arange(int(valid.sum())) if rcfg["local_calibration"] == "shortlist" else None
@@ -283,14 +284,15 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
         out[name]["map5_nw"], out[name]["new_whale_threshold"] = _nw_scores(f, i, ids, truth)
     cal.new_whale_threshold = out["fused"]["new_whale_threshold"]
     pos = y.astype(bool)
-    report = {"n_queries": int(len(q)), "val_queries": rcfg["val_queries"],
-              "n_held_out_queries": int(len(q) - table["is_query"].to_numpy()[q].astype(bool).sum()), "shortlist": depth, "pairs_shortlist": int(valid.sum()),
+    report = {"n_queries": int(len(q)), "val_queries": rcfg["val_queries"], "n_held_out_queries": n_held_out,
+              "shortlist": depth, "pairs_shortlist": int(valid.sum()),
               "pairs_random": int(len(rq)), "positives": int(pos.sum()), "weight_mode": fw, "weight": cal.weight,
               "grid": {str(g): {m: round(v, 5) for m, v in s.items() if m != "n_queries"} for g, s in grid.items()},
               "pairs": {"p_emb": cal.p_emb(x_cos).tolist(), "p_local": cal.p_local(x_inl).tolist(),
                         "same": pos.tolist(), "weight": w.tolist()}}
     log(f"fusion weight {cal.weight:.2f} ({'chosen on validation' if fw == 'auto' else 'set'}) on {len(q)} queries "
-        f"({report['n_held_out_queries']} of them photos of held-out identities); calibrated on {valid.sum()} shortlist + {len(rq)} random validation pairs ({pos.sum()} same individual)")
+        f"({n_held_out} of them photos of held-out identities); calibrated on {valid.sum()} shortlist + "
+        f"{len(rq)} random validation pairs ({pos.sum()} same individual)")
     return cal, out, {**report, "sample": _sample_pairs(q, idx, inl, cal)}
 
 
