@@ -84,9 +84,9 @@ def fit_calibration(cos, inliers, same, weight=None, local_rows=None) -> Calibra
     """Isotonic calibrations of cosine and inlier count on labelled pairs (``same``: bool);
     ``local_rows`` (bool mask or indices) restricts the inlier-count fit to those pairs."""
     same = np.asarray(same, dtype=np.float64)
-    w = np.ones(len(same)) if weight is None else np.asarray(weight, np.float64)
-    sel = np.arange(len(same)) if local_rows is None else np.asarray(local_rows)
-    return Calibration(fit_isotonic(cos, same, weight), fit_isotonic(np.asarray(inliers)[sel], same[sel], w[sel]))
+    sel = slice(None) if local_rows is None else np.asarray(local_rows)
+    w_local = None if weight is None else np.asarray(weight, np.float64)[sel]
+    return Calibration(fit_isotonic(cos, same, weight), fit_isotonic(np.asarray(inliers)[sel], same[sel], w_local))
 
 
 LOCAL_CALIBRATION = ("shortlist", "ranking")
@@ -220,6 +220,13 @@ def calibration_pairs(emb, table, q_rows, db_rows, idx, n_random: int, groups, s
 VAL_QUERIES = ("queries", "held_out")
 
 
+def _choice(key: str, value, options) -> str:
+    """``value`` when it is one of ``options``, else a ConfigError naming ``rerank.<key>``."""
+    if value not in options:
+        raise ConfigError(f"rerank.{key} must be one of {', '.join(options)}, got {value!r}")
+    return value
+
+
 def validation_queries(table: pd.DataFrame, which: str) -> np.ndarray:
     """Table rows the fusion is calibrated and its weight chosen on: ``queries`` = the local-validation
     queries (one per identity); ``held_out`` = those plus every other image of the identities local
@@ -231,8 +238,7 @@ def validation_queries(table: pd.DataFrame, which: str) -> np.ndarray:
     >>> validation_queries(t, "queries").tolist(), validation_queries(t, "held_out").tolist()
     ([0, 2], [0, 2, 3])
     """
-    if which not in VAL_QUERIES:
-        raise ConfigError(f"rerank.val_queries must be one of {', '.join(VAL_QUERIES)}, got {which!r}")
+    _choice("val_queries", which, VAL_QUERIES)
     train = (table["split"] == "train").to_numpy()
     pick = table["is_query"].to_numpy().astype(bool)
     if which == "held_out" and "held_out" in table:
@@ -245,9 +251,7 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     """Fit the calibration on local validation, pick the fusion weight, score the variants.
     Returns ``(calibration, {variant: val scores}, report)``."""
     search_kw = search_kw or {}
-    if rcfg["local_calibration"] not in LOCAL_CALIBRATION:
-        raise ConfigError(f"rerank.local_calibration must be one of {', '.join(LOCAL_CALIBRATION)}, "
-                          f"got {rcfg['local_calibration']!r}")
+    local_fit = _choice("local_calibration", rcfg["local_calibration"], LOCAL_CALIBRATION)
     tr = np.flatnonzero((table["split"] == "train").to_numpy())
     q = validation_queries(table, rcfg["val_queries"])
     n_held_out = int(len(q) - table["is_query"].to_numpy()[q].astype(bool).sum())
@@ -265,7 +269,7 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     w = np.concatenate([np.ones(int(valid.sum())), rw])
     # inliers are only ever counted for shortlist candidates: P_local is fitted there (shortlist) or,
     # like the cosine, on the whole ranking (ranking), where the many random pairs make a few inliers mean nothing
-    local_rows = np.arange(int(valid.sum())) if rcfg["local_calibration"] == "shortlist" else None
+    local_rows = np.arange(int(valid.sum())) if local_fit == "shortlist" else None
     cal = fit_calibration(x_cos, x_inl, y, w, local_rows)
     gr = None if groups is None else (groups[q], groups[tr])
     n_rel = relevant_counts(ids[q], ids[tr], True, gr)
