@@ -4,7 +4,8 @@ Embeds the database (usable train + test images) with every member - with the ch
 stage 05's report names (its accepted pseudo-label retrain, else stage 04's) - with flip TTA (tta.hflip), cached in
 DATA/embeddings/ so that changing only ensemble weights re-embeds nothing. Joins them into the
 meta-embedding L2n(concat(w_i * L2n(e_i))) (weights: `ensemble:`), searches it with faiss
-(search.index flat | ivf, GPU when present) and writes:
+(search.index auto | flat | ivf, GPU when present; an IVF index's recall@k against exact search
+is measured on search.recall_sample queries and reported) and writes:
   submission/submission.csv      no header; test image, then its 20 most similar database images
   submission/submission_ids.csv  Image,Id: 5 Ids, new_whale inserted at a similarity threshold
                                  tuned on local validation (or search.new_whale_threshold;
@@ -36,7 +37,7 @@ def main() -> int:
     from common.evaluation import format_scores, local_scores
     from common.gallery import retrieval_gallery
     from common.io import write_json
-    from common.retrieval import meta_embedding
+    from common.retrieval import index_recall, meta_embedding, search_options
     from common.submission import write_submissions
     from common.tables import encounters, truth_frame
 
@@ -54,7 +55,12 @@ def main() -> int:
     final = "ensemble" if len(names) > 1 else names[0]
     search, truth = cfg["search"], truth_frame(paths)
     table["encounter"] = encounters(paths, table)
-    index = dict(index=search["index"], nlist=search["ivf_nlist"], nprobe=search["ivf_nprobe"], gpu=search["gpu"])
+    index = search_options(search)
+    recall = index_recall(embs[final], embs[final][table["split"].to_numpy() == "test"], search["k"],
+                          search["recall_sample"], **index)
+    if recall["index"] != "flat":
+        print(f"search: {recall['index']} index over {recall['n_db']} images, recall@{search['k']} "
+              f"{recall['recall']:.3f} against exact search on {recall['n_sample']} test queries")
     scores = {name: local_scores(emb, table, truth, search["k"], search["new_whale_threshold"],
                                  search["new_whale_untuned"], **index) for name, emb in embs.items()}
     reranked = rerank(cfg, paths, table, embs[final], truth, final, index) if cfg["rerank"]["enabled"] else None
@@ -66,7 +72,8 @@ def main() -> int:
     retrieval_gallery(embs[final], table, paths.gallery_png, truth, search["gallery_queries"], search["gallery_k"],
                       **index)
     extra = {"rerank": {"weight": reranked["calibration"].weight, "new_whale_threshold": threshold}} if reranked else {}
-    write_json(paths.scores_json, {"final": final, "weights": weights, "scores": scores, **report, **extra})
+    write_json(paths.scores_json, {"final": final, "weights": weights, "scores": scores, "search": recall, **report,
+                                   **extra})
     print(f"wrote {paths.submission_csv}, {paths.submission_ids_csv}, {paths.scores_json}, {paths.gallery_png}"
           + (f", {paths.rerank_dir}/" if reranked else ""))
     return 0

@@ -58,7 +58,7 @@ def predict(cfg: dict, paths, photos, top_k: int = 20, out=None) -> int:
     from .inference import embed_images
     from .models import load_checkpoint
     from .handoff import final_checkpoints
-    from .retrieval import meta_embedding, search
+    from .retrieval import meta_embedding, search, search_options
     from .runtime import resolve_device
 
     photos, bad = readable_photos(photos)
@@ -85,7 +85,7 @@ def predict(cfg: dict, paths, photos, top_k: int = 20, out=None) -> int:
         if cfg["rerank"]["enabled"]:
             scores, idx, extra, thr = _reranked(cfg, paths, table, db_emb, q_emb, inputs, Path(tmp), top_k)
         else:
-            scores, idx = search(db_emb, q_emb, min(top_k, len(db_emb)), gpu=cfg["search"]["gpu"])
+            scores, idx = search(db_emb, q_emb, min(top_k, len(db_emb)), **search_options(cfg["search"]))
             extra, thr = {}, None
     ids = db_labels(paths, table)
     rows = [{"query": str(p), "rank": r + 1, "match": table["Image"].iat[i], "split": table["split"].iat[i],
@@ -132,12 +132,12 @@ def _reranked(cfg, paths, table, db_emb, q_emb, inputs, tmp: Path, top_k: int):
     ``(cosines, rows, {"inliers", "probability"} per rank, new_whale threshold)``."""
     from .io import read_json
     from .rerank import Calibration, LocalScorer, reorder
-    from .retrieval import search
+    from .retrieval import search, search_options
 
     r = cfg["rerank"]
     cal = Calibration.from_dict(read_json(paths.rerank_calibration))
     depth = min(max(int(r["shortlist"]), top_k), len(db_emb))
-    cos, idx = search(db_emb, q_emb, depth, gpu=cfg["search"]["gpu"])
+    cos, idx = search(db_emb, q_emb, depth, **search_options(cfg["search"]))
     scorer = LocalScorer(table, r, paths.features_dir, progress=False)
     keys = [("photo", i) for i in range(len(inputs))]
     scorer.add(keys, [("predict", f"{i:05d}_{Path(p).name}", str(p)) for i, p in enumerate(inputs)], tmp / "features")

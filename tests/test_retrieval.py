@@ -77,6 +77,25 @@ def test_ivf_search_with_all_lists_probed_is_exact():
         search(db, q, 3, index="hnsw")
 
 
+def test_auto_index_is_exact_up_to_ivf_above_and_ivf_beyond_with_its_recall_measured():
+    import faiss
+
+    from common.retrieval import build_index, index_recall
+
+    rng = np.random.default_rng(3)
+    centres = l2_normalize(rng.normal(size=(60, 16)))
+    db = l2_normalize(np.repeat(centres, 10, axis=0) + 0.3 * rng.normal(size=(600, 16)))
+    assert isinstance(build_index(db, "auto", ivf_above=600, gpu=False), faiss.IndexFlatIP)
+    assert isinstance(build_index(db, "auto", ivf_above=599, gpu=False), faiss.IndexIVFFlat)
+    kw = dict(index="auto", ivf_above=100, nlist=15, gpu=False)
+    exact = index_recall(db, db[:50], 10, n_sample=20, **{**kw, "ivf_above": 10_000})
+    assert exact == {"index": "flat", "n_db": 600, "n_sample": 0, "recall": 1.0}
+    one = index_recall(db, db[:50], 10, n_sample=20, nprobe=1, **kw)
+    every = index_recall(db, db[:50], 10, n_sample=20, nprobe=15, **kw)
+    assert one["index"] == "ivf" and one["n_sample"] == 20
+    assert every["recall"] == 1.0 and 0.0 < one["recall"] < 1.0  # one list of 15 misses neighbours
+
+
 def test_rank_identities_best_image_first():
     ids, sims = rank_identities([[0.9, 0.8, 0.7, 0.5]], [[1, 2, 0, 3]], ["a", "b", "a", "c"], n=5)
     assert ids == [["b", "a", "c"]]
