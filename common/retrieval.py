@@ -91,11 +91,11 @@ def search_options(search_cfg: dict) -> dict:
                 gpu=search_cfg["gpu"], ivf_above=search_cfg["ivf_above"])
 
 
-def build_index(db: np.ndarray, index: str = "flat", nlist=100, nprobe: int = 10, gpu="auto",
+def build_index(db: np.ndarray, index: str = "flat", nlist=100, nprobe=10, gpu="auto",
                 ivf_above: int = 1_000_000):
     """A faiss inner-product index over ``db``: exact ``IndexFlatIP`` or ``IndexIVFFlat`` (``nlist``
-    clusters, see :func:`ivf_lists`; ``nprobe`` searched), on GPU when asked/present; ``auto``
-    picks by size (:func:`index_kind`)."""
+    clusters, see :func:`ivf_lists`; ``nprobe`` searched, ``auto`` = 1/16 of the lists), on GPU when
+    asked/present; ``auto`` picks by size (:func:`index_kind`)."""
     import faiss
 
     db = np.ascontiguousarray(db, dtype=np.float32)
@@ -109,7 +109,7 @@ def build_index(db: np.ndarray, index: str = "flat", nlist=100, nprobe: int = 10
         idx = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
         idx.cp.max_points_per_centroid = 64  # k-means on a sample of 64 points per list: minutes, not an hour, at 1M
         idx.train(db)
-        idx.nprobe = min(int(nprobe), nlist)
+        idx.nprobe = max(1, nlist // 16) if nprobe == "auto" else min(int(nprobe), nlist)
     if _use_gpu(gpu):
         idx = faiss.index_cpu_to_all_gpus(idx)
     idx.add(db)
@@ -138,7 +138,7 @@ def index_recall(db, queries, k: int, n_sample: int = 500, seed: int = 0, **sear
     return {**out, "n_sample": int(len(q)), "recall": round(float(np.mean(hits)), 4)}
 
 
-def search(db, queries, k: int, exclude=None, index: str = "flat", nlist=100, nprobe: int = 10,
+def search(db, queries, k: int, exclude=None, index: str = "flat", nlist=100, nprobe=10,
            gpu="auto", groups=None, ivf_above: int = 1_000_000) -> tuple[np.ndarray, np.ndarray]:
     """Top-k database rows per query by inner product: ``(scores (nq, k) float32, idx (nq, k) int64)``.
 

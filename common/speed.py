@@ -55,11 +55,11 @@ def gallery_vectors(n: int, dim: int, per_identity: int = 8, spread: float = 0.6
 
 
 def search_speed(n: int, dim: int = 256, n_queries: int = 1000, k: int = 20, seed: int = 0,
-                 exact_all_below: int = 200_000, nprobe: int = 32) -> list[dict]:
+                 exact_all_below: int = 200_000, nprobe="auto") -> list[dict]:
     """Top-k of ``n_queries`` held-out photos among ``n`` gallery vectors (:func:`gallery_vectors`):
     faiss flat, scikit-learn brute and a numpy argsort (exact; the last two only up to
     ``exact_all_below``, beyond which their query x database matrix alone outgrows memory), and a
-    faiss IVF index (4 sqrt(n) lists, ``nprobe`` probed) whose build (k-means + add) and search are
+    faiss IVF index (4 sqrt(n) lists, ``nprobe`` probed: auto = 1/16 as in the config) whose build (k-means + add) and search are
     timed apart. Each row: seconds, queries/s, recall@k against faiss flat, ``identity_recall`` (the
     share of the exact top-k's photos of the query's own identity that it finds: what re-identification
     needs; the rest of an exact top-k is near-random here), ratio to faiss flat's time, and the index's memory (``mem_mib``: vectors as float32 + faiss' ids / centroids)."""

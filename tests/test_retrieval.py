@@ -94,6 +94,7 @@ def test_auto_index_is_exact_up_to_ivf_above_and_ivf_beyond_with_its_recall_meas
     every = index_recall(db, db[:50], 10, n_sample=20, nprobe=15, **kw)
     assert one["index"] == "ivf" and one["n_sample"] == 20
     assert every["recall"] == 1.0 and 0.0 < one["recall"] < 1.0  # one list of 15 misses neighbours
+    assert build_index(db, "ivf", nlist=32, nprobe="auto", gpu=False).nprobe == 1  # 15 lists (capped), 1/16
 
 
 def test_rank_identities_best_image_first():
