@@ -1,15 +1,21 @@
 """Cached per-member embeddings of the search database (train + test images).
 
-One ``.npz`` per member (``paths.embeddings_file(name)``): image keys, split, image name,
-float16 embeddings, and a fingerprint of the model (checkpoint path, mtime and size, image size,
-flip TTA). Rows whose image file (path, mtime, size) and model are unchanged are reused, so
-rerunning stage 06 after changing ensemble weights embeds nothing, and adding images embeds only
-those. Embeddings always come back as float32 of the stored float16 values, fresh or cached alike.
+Per member, ``paths.embeddings_file(name)`` (``.npz``) holds the image keys, split, image name, a
+fingerprint of the model (checkpoint path, mtime and size, image size, flip TTA) and the name of the
+float16 ``.npy`` file beside it with the vectors, which is opened as a read-only memory map: a
+1M-image gallery of 256-d vectors is 0.5 GB on disk and costs no RAM until rows are read. Rows whose
+image file (path, mtime, size) and model are unchanged are reused, so rerunning stage 06 after
+changing ensemble weights embeds nothing, and adding images embeds only those. A rewrite puts the
+vectors in a new file before the ``.npz`` names it, so a killed stage leaves the old cache whole.
+Embeddings always come back as float16, fresh or cached alike (every consumer normalises them into
+float32, :func:`common.retrieval.l2_normalize`).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -48,41 +54,72 @@ def model_key(ckpt, img_size, tta_hflip: bool) -> str:
                        "img_size": img_size, "tta_hflip": bool(tta_hflip)}, sort_keys=True)
 
 
-def load_cache(cache_file, key: str) -> dict[str, np.ndarray]:
-    """image key -> float16 embedding, from a cache written for the same model key (else empty)."""
+def _vectors_path(cache_file: Path, name) -> Path:
+    return cache_file.with_name(str(name))
+
+
+def load_vectors(cache_file) -> np.ndarray:
+    """The cached float16 vectors of ``cache_file``, as a read-only memory map."""
+    cache_file = Path(cache_file)
+    with np.load(cache_file, allow_pickle=False) as z:
+        name = str(z["vectors"])
+    return np.load(_vectors_path(cache_file, name), mmap_mode="r", allow_pickle=False)
+
+
+def load_cache(cache_file, key: str) -> tuple[list[str], np.ndarray | None]:
+    """``(image keys, float16 vectors memory map)`` of a cache written for the same model key, else ``([], None)``."""
     cache_file = Path(cache_file)
     if not cache_file.exists():
-        return {}
+        return [], None
     try:
         with np.load(cache_file, allow_pickle=False) as z:
             if str(z["model_key"]) != key:
-                return {}
-            return dict(zip(z["keys"].tolist(), z["emb"]))
-    except (OSError, KeyError, ValueError):  # unreadable or old-format cache: rebuild it
-        return {}
+                return [], None
+            keys = z["keys"].tolist()
+        vectors = load_vectors(cache_file)
+        if len(vectors) != len(keys) or vectors.dtype != np.float16:
+            return [], None
+        return keys, vectors
+    except (OSError, KeyError, ValueError):  # unreadable, partial or old-format cache: rebuild it
+        return [], None
 
 
 def save_cache(cache_file, key: str, table: pd.DataFrame, keys: list[str], emb16: np.ndarray) -> None:
+    """Vectors into a new ``<stem>.<token>.npy``, then the ``.npz`` naming it (atomically), then old vector files go."""
+    cache_file = Path(cache_file)
+    vectors = cache_file.with_name(f"{cache_file.stem}.{uuid.uuid4().hex[:12]}.npy")
+    with atomic_path(vectors) as tmp:
+        np.save(tmp, np.ascontiguousarray(emb16, dtype=np.float16))
     with atomic_path(cache_file) as tmp:
         np.savez(tmp, model_key=np.array(key), keys=np.array(keys), images=table["Image"].to_numpy(str),
-                 splits=table["split"].to_numpy(str), emb=emb16)
+                 splits=table["split"].to_numpy(str), vectors=np.array(vectors.name))
+    mine = re.compile(re.escape(cache_file.stem) + r"\.[0-9a-f]{12}\.npy")
+    for old in cache_file.parent.iterdir():
+        if old != vectors and mine.fullmatch(old.name):
+            old.unlink(missing_ok=True)  # an open memory map of it stays valid (POSIX)
 
 
 def cached_embeddings(table: pd.DataFrame, cache_file, key: str, embed: Callable[[list[str]], np.ndarray]) -> tuple[np.ndarray, int]:
-    """Embeddings of ``table`` rows (float32 of float16), calling ``embed(paths)`` only for rows the
-    cache lacks; rewrites the cache with exactly these rows. Returns ``(emb, n_embedded)``."""
+    """Float16 embeddings of ``table`` rows, calling ``embed(paths)`` only for rows the cache lacks;
+    rewrites the cache with exactly these rows. When nothing changed the result is the cache's
+    read-only memory map itself. Returns ``(emb, n_embedded)``."""
     keys = [image_key(s, p) for s, p in zip(table["split"], table["path"])]
-    have = load_cache(cache_file, key)
-    todo = [i for i, k in enumerate(keys) if k not in have]
-    fresh = {}
+    have, vectors = load_cache(cache_file, key)
+    if vectors is not None and have == keys:
+        return vectors, 0
+    row_of = {k: i for i, k in enumerate(have)}
+    todo = [i for i, k in enumerate(keys) if k not in row_of]
     if todo:
         new = np.asarray(embed([table["path"].iloc[i] for i in todo]), dtype=np.float32).astype(np.float16)
-        fresh = {keys[i]: e for i, e in zip(todo, new)}
-    rows = [fresh[k] if k in fresh else have[k] for k in keys]
-    emb16 = np.stack(rows) if rows else np.zeros((0, 0), np.float16)
-    if todo or len(have) != len(set(keys)):
-        save_cache(cache_file, key, table, keys, emb16)
-    return emb16.astype(np.float32), len(todo)
+    width = new.shape[1] if todo else (vectors.shape[1] if vectors is not None else 0)
+    emb16 = np.zeros((len(keys), width), np.float16)
+    if todo:
+        emb16[todo] = new
+    cached = [i for i, k in enumerate(keys) if k in row_of]
+    if cached:
+        emb16[cached] = vectors[[row_of[keys[i]] for i in cached]]
+    save_cache(cache_file, key, table, keys, emb16)
+    return emb16, len(todo)
 
 
 def member_embeddings(ckpt, table: pd.DataFrame, cache_file, *, img_size: int | None = None, tta_hflip: bool = True,
@@ -108,7 +145,7 @@ def member_embeddings(ckpt, table: pd.DataFrame, cache_file, *, img_size: int | 
 def embed_members(cfg: dict, paths, names, ckpt_of=None, log=print) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Embed the database of every member in ``names`` with ``ckpt_of(name)`` (default: the
     checkpoint stage 05's report names), using each member's crops setting, flip TTA per ``tta.hflip`` and the
-    cache. Returns ``(table, {name: (N, emb_dim) float32})``; the table's Image order is shared."""
+    cache. Returns ``(table, {name: (N, emb_dim) float16})``; the table's Image order is shared."""
     from .config import member_config
     from .runtime import resolve_device
     from .tables import test_frame, val_frame

@@ -28,9 +28,11 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(norm, eps)
 
 
-def meta_embedding(embeddings: Sequence[np.ndarray], weights: Sequence[float] | None = None) -> np.ndarray:
-    """``L2n(concat_i(w_i * L2n(e_i)))``: each member contributes ``w_i**2 / sum(w**2)`` of the
-    cosine similarity, whatever its embedding size."""
+def meta_embedding(embeddings: Sequence[np.ndarray], weights: Sequence[float] | None = None,
+                   chunk: int = 65536) -> np.ndarray:
+    """``L2n(concat_i(w_i * L2n(e_i)))`` as float32: each member contributes ``w_i**2 / sum(w**2)``
+    of the cosine similarity, whatever its embedding size. Members may be float16 memory maps; they
+    are read ``chunk`` rows at a time, so the only full-size array is the result."""
     embeddings = list(embeddings)
     if not embeddings:
         raise ValueError("meta_embedding needs at least one embedding array")
@@ -42,8 +44,13 @@ def meta_embedding(embeddings: Sequence[np.ndarray], weights: Sequence[float] | 
     rows = {len(e) for e in embeddings}
     if len(rows) != 1:
         raise ValueError(f"embedding arrays disagree on the number of images: {sorted(rows)}")
-    parts = [w * l2_normalize(e) for w, e in zip(weights, embeddings) if w > 0]
-    return l2_normalize(np.concatenate(parts, axis=1))
+    used = [(w, e) for w, e in zip(weights, embeddings) if w > 0]
+    out = np.empty((rows.pop(), sum(e.shape[1] for _, e in used)), np.float32)
+    for start in range(0, len(out), chunk):  # a block at a time: float16 memory maps stay on disk
+        block = out[start:start + chunk]
+        block[:] = np.concatenate([w * l2_normalize(e[start:start + chunk]) for w, e in used], axis=1)
+        block[:] = l2_normalize(block)
+    return out
 
 
 def _use_gpu(gpu) -> bool:
@@ -85,34 +92,50 @@ def ivf_lists(nlist, n_db: int) -> int:
     return max(1, min(n, n_db // 39))
 
 
+VECTORS = ("float32", "float16")
+
+
 def search_options(search_cfg: dict) -> dict:
     """The keyword arguments of :func:`search` from the config's ``search:`` section."""
     return dict(index=search_cfg["index"], nlist=search_cfg["ivf_nlist"], nprobe=search_cfg["ivf_nprobe"],
-                gpu=search_cfg["gpu"], ivf_above=search_cfg["ivf_above"])
+                gpu=search_cfg["gpu"], ivf_above=search_cfg["ivf_above"], vectors=search_cfg["vectors"])
 
 
 def build_index(db: np.ndarray, index: str = "flat", nlist=100, nprobe=10, gpu="auto",
-                ivf_above: int = 1_000_000):
+                ivf_above: int = 1_000_000, vectors: str = "float32", chunk: int = 65536):
     """A faiss inner-product index over ``db``: exact ``IndexFlatIP`` or ``IndexIVFFlat`` (``nlist``
     clusters, see :func:`ivf_lists`; ``nprobe`` searched, ``auto`` = 1/16 of the lists), on GPU when
-    asked/present; ``auto`` picks by size (:func:`index_kind`)."""
+    asked/present; ``auto`` picks by size (:func:`index_kind`). ``vectors="float16"`` stores them as
+    float16 (faiss' scalar quantizer; on GPU the cloner's float16 option): half the memory, the same
+    neighbours up to float16 rounding of the similarities. ``db`` (float32 or float16, e.g. a memory
+    map) is added ``chunk`` rows at a time and IVF k-means trains on a sample of 64 rows per list, so
+    no float32 copy of the whole database is made."""
     import faiss
 
-    db = np.ascontiguousarray(db, dtype=np.float32)
+    if vectors not in VECTORS:
+        raise ConfigError(f"search.vectors must be one of {', '.join(VECTORS)}, not {vectors!r}")
     d = db.shape[1]
     kind = index_kind(index, len(db), ivf_above)
+    gpu, half = _use_gpu(gpu), vectors == "float16"
+    fp16 = half and not gpu  # on GPU the cloner stores float16 instead
     if kind == "flat":
-        idx = faiss.IndexFlatIP(d)
+        idx = (faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT) if fp16
+               else faiss.IndexFlatIP(d))
     else:
         nlist = ivf_lists(nlist, len(db))
         quantizer = faiss.IndexFlatIP(d)
-        idx = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        idx.cp.max_points_per_centroid = 64  # k-means on a sample of 64 points per list: minutes, not an hour, at 1M
-        idx.train(db)
+        idx = (faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                             faiss.METRIC_INNER_PRODUCT) if fp16
+               else faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT))
+        sample = np.sort(np.random.default_rng(0).choice(len(db), min(len(db), 64 * nlist), replace=False))
+        idx.train(np.ascontiguousarray(db[sample], dtype=np.float32))  # k-means on 64 points per list: minutes, not an hour, at 1M
         idx.nprobe = max(1, nlist // 16) if nprobe == "auto" else min(int(nprobe), nlist)
-    if _use_gpu(gpu):
-        idx = faiss.index_cpu_to_all_gpus(idx)
-    idx.add(db)
+    if gpu:
+        options = faiss.GpuMultipleClonerOptions()
+        options.useFloat16 = half
+        idx = faiss.index_cpu_to_all_gpus(idx, options)
+    for start in range(0, len(db), chunk):
+        idx.add(np.ascontiguousarray(db[start:start + chunk], dtype=np.float32))
     return idx
 
 
@@ -139,7 +162,7 @@ def index_recall(db, queries, k: int, n_sample: int = 500, seed: int = 0, **sear
 
 
 def search(db, queries, k: int, exclude=None, index: str = "flat", nlist=100, nprobe=10,
-           gpu="auto", groups=None, ivf_above: int = 1_000_000) -> tuple[np.ndarray, np.ndarray]:
+           gpu="auto", groups=None, ivf_above: int = 1_000_000, vectors: str = "float32") -> tuple[np.ndarray, np.ndarray]:
     """Top-k database rows per query by inner product: ``(scores (nq, k) float32, idx (nq, k) int64)``.
 
     ``exclude[q]`` is a database row dropped from query q's list (-1: none), e.g. the query
@@ -149,8 +172,7 @@ def search(db, queries, k: int, exclude=None, index: str = "flat", nlist=100, np
     """
     if groups is not None:
         return _search_grouped(db, queries, k, exclude, groups, dict(index=index, nlist=nlist, nprobe=nprobe, gpu=gpu,
-                                                                           ivf_above=ivf_above))
-    db = np.ascontiguousarray(db, dtype=np.float32)
+                                                                           ivf_above=ivf_above, vectors=vectors))
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     if db.ndim != 2 or queries.ndim != 2 or db.shape[1] != queries.shape[1]:
         raise ValueError(f"db {db.shape} and queries {queries.shape} must be 2-D with the same width")
@@ -164,7 +186,7 @@ def search(db, queries, k: int, exclude=None, index: str = "flat", nlist=100, np
         return scores, out
     extra = int((exclude >= 0).any())
     kk = min(k + extra, len(db))
-    s, i = build_index(db, index, nlist, nprobe, gpu, ivf_above).search(queries, kk)
+    s, i = build_index(db, index, nlist, nprobe, gpu, ivf_above, vectors).search(queries, kk)
     keep = (i >= 0) & (i != exclude[:, None])
     for q in range(nq):  # stable compaction: drop the excluded row, keep the order
         row = np.flatnonzero(keep[q])[:k]

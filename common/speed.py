@@ -3,7 +3,8 @@ work it cannot avoid, on the same machine, batch and size, so the figures travel
 
 * ``search``: faiss exact top-k vs scikit-learn brute-force NearestNeighbors vs a numpy argsort, on
   gallery-shaped unit vectors (identities of 8 photos; 10k, 100k and 1M x 256 by default): same
-  neighbours for the exact ones, speed ratio, memory, and faiss IVF's recall@k against exact with
+  neighbours for the exact ones, speed ratio, memory, faiss flat on float16 vectors
+  (``search.vectors: float16``), and faiss IVF's recall@k against exact with
   its build and search times (the README's memory/time model comes from these rows);
 * ``extract``: the pipeline's embedding extraction (decode JPEG, resize, normalise, model, flip TTA)
   vs the bare backbone forward on ready tensors (both flips), same batch and size; target >= 0.9x;
@@ -89,12 +90,17 @@ def search_speed(n: int, dim: int = 256, n_queries: int = 1000, k: int = 20, see
     def numpy_sort():
         return np.argsort(-(q @ db.T), axis=1, kind="stable")[:, :k]
 
+    flat16 = build_index(db.astype(np.float16), "flat", vectors="float16", gpu=False)  # search.vectors: float16
+
+    def half():
+        return flat16.search(q, k)[1]
+
     t_build, ivf_index = _timed(lambda: build_index(db, "ivf", nlist=nlist, nprobe=nprobe, gpu=False))
 
     def ivf():
         return ivf_index.search(q, k)[1]
 
-    cases = [("faiss flat (exact)", flat, mem_flat)]
+    cases = [("faiss flat (exact)", flat, mem_flat), ("faiss flat, float16 vectors", half, mem_flat / 2)]
     if n < exact_all_below:
         cases += [("sklearn brute (exact)", brute, mem_flat), ("numpy argsort (exact)", numpy_sort, mem_flat)]
     cases += [(f"faiss IVF nlist={nlist} nprobe={ivf_index.nprobe} (built in {t_build:.1f}s)", ivf, mem_ivf)]

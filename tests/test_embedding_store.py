@@ -1,11 +1,11 @@
-"""The per-member embedding cache: reuse, partial re-embedding, float16 storage."""
+"""The per-member embedding cache: reuse, partial re-embedding, float16 memory-mapped storage."""
 import os
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from common.embedding_store import cached_embeddings, database_table, model_key
+from common.embedding_store import cached_embeddings, database_table, load_vectors, model_key, save_cache
 
 
 def make_table(tmp_path, n=4):
@@ -30,11 +30,11 @@ class FakeEmbed:
 def test_cache_reuses_rows_and_reembeds_only_changed_files(tmp_path):
     table, cache, embed = make_table(tmp_path), tmp_path / "emb" / "m.npz", FakeEmbed()
     first, n = cached_embeddings(table, cache, "model-1", embed)
-    assert n == 4 and first.dtype == np.float32 and cache.exists()
-    assert np.load(cache)["emb"].dtype == np.float16
-    np.testing.assert_array_equal(first, first.astype(np.float16).astype(np.float32))  # float16 values, fresh too
+    assert n == 4 and first.dtype == np.float16 and cache.exists()
+    np.testing.assert_array_equal(first, np.array([[len(p) + 0.123456, 1.0 / 3] for p in table["path"]], np.float16))
     again, n = cached_embeddings(table, cache, "model-1", embed)
     assert n == 0 and len(embed.calls) == 1
+    assert isinstance(again, np.memmap) and not again.flags.writeable  # unchanged: the cache file itself, mapped
     np.testing.assert_array_equal(again, first)
     # a re-cropped image (new mtime) is the only one embedded again
     st = os.stat(table["path"][2])
@@ -72,3 +72,21 @@ def test_database_table_order_and_unique_names():
     assert t["is_query"].tolist() == [1, 0, 0]
     with pytest.raises(ValueError, match="'a' occurs twice"):
         database_table(train, pd.DataFrame({"Image": ["a"], "path": ["px"]}))
+
+
+def test_rewrite_keeps_one_vectors_file_and_a_killed_rewrite_leaves_the_old_cache(tmp_path, monkeypatch):
+    table, cache, embed = make_table(tmp_path), tmp_path / "emb" / "m.npz", FakeEmbed()
+    first, _ = cached_embeddings(table, cache, "model-1", embed)
+    cached_embeddings(table, cache, "model-2", embed)
+    cached_embeddings(table, cache, "model-3", embed)
+    assert sorted(p.suffix for p in cache.parent.iterdir()) == [".npy", ".npz"]  # old vector files removed
+    assert load_vectors(cache).shape == (4, 2)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(np, "savez", killed)  # killed after the new vectors were written, before the .npz
+    with pytest.raises(KeyboardInterrupt):
+        save_cache(cache, "model-4", table, ["x"] * 4, np.zeros((4, 2), np.float16))
+    monkeypatch.undo()
+    again, n = cached_embeddings(table, cache, "model-3", embed)
+    assert n == 0 and np.array_equal(again, first)

@@ -37,6 +37,18 @@ def test_meta_embedding_rejects_bad_weights(bad):
         meta_embedding([e, e], **bad)
 
 
+def test_meta_embedding_in_blocks_of_float16_memory_maps_equals_whole(tmp_path):
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(10, 3)).astype(np.float16), rng.normal(size=(10, 5)).astype(np.float16)
+    np.save(tmp_path / "a.npy", a)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    whole = meta_embedding([a, b], [1.0, 0.5])
+    blocks = meta_embedding([mapped, b], [1.0, 0.5], chunk=3)
+    assert blocks.dtype == np.float32 and blocks.shape == (10, 8)
+    np.testing.assert_array_equal(blocks, whole)
+    np.testing.assert_allclose(np.linalg.norm(blocks, axis=1), 1.0, rtol=1e-6)
+
+
 def test_meta_embedding_rejects_row_mismatch():
     with pytest.raises(ValueError, match="number of images"):
         meta_embedding([np.ones((2, 3)), np.ones((3, 3))])
@@ -75,6 +87,28 @@ def test_ivf_search_with_all_lists_probed_is_exact():
     np.testing.assert_array_equal(i, brute_topk(db, q, 10)[1])
     with pytest.raises(ValueError, match="search.index"):
         search(db, q, 3, index="hnsw")
+
+
+def test_float16_vectors_from_a_memory_map_find_the_float32_neighbours(tmp_path):
+    import faiss
+
+    from common.retrieval import build_index
+
+    rng = np.random.default_rng(4)
+    db16 = l2_normalize(rng.normal(size=(500, 16))).astype(np.float16)  # what the embedding cache stores
+    np.save(tmp_path / "db.npy", db16)
+    mapped = np.load(tmp_path / "db.npy", mmap_mode="r")
+    q = l2_normalize(rng.normal(size=(20, 16)))
+    exact = brute_topk(db16.astype(np.float32), q, 10)
+    for kw in (dict(index="flat"), dict(index="ivf", nlist=4, nprobe=4)):
+        s, i = search(mapped, q, 10, vectors="float16", gpu=False, **kw)
+        np.testing.assert_array_equal(i, exact[1])
+        np.testing.assert_allclose(s, exact[0], atol=1e-3)  # faiss computes in float16 precision
+    idx = build_index(mapped, "flat", vectors="float16", gpu=False, chunk=64)
+    assert isinstance(idx, faiss.IndexScalarQuantizer) and idx.ntotal == 500
+    assert faiss.serialize_index(idx).nbytes < 0.6 * faiss.serialize_index(build_index(mapped, gpu=False)).nbytes
+    with pytest.raises(ValueError, match="search.vectors"):
+        search(mapped, q, 3, vectors="int8")
 
 
 def test_auto_index_is_exact_up_to_ivf_above_and_ivf_beyond_with_its_recall_measured():

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from common.config import ROOT, load_config, member_config, member_names
+from common.embedding_store import load_vectors
 from common.handoff import final_checkpoints
 from common.paths import Paths
 from common.submission import read_image_submission, validate_image_submission
@@ -139,8 +140,8 @@ def test_stage06_writes_valid_submissions_and_reuses_embeddings(comp):
         assert 0 <= s["test"]["map5_nw"] <= 1
     assert comp.gallery_png.stat().st_size > 1000
     for name in member_names(load_config("tiny")):
-        z = np.load(comp.embeddings_file(name))
-        assert z["emb"].dtype == np.float16 and len(z["emb"]) == len(db)
+        vectors = load_vectors(comp.embeddings_file(name))
+        assert vectors.dtype == np.float16 and len(vectors) == len(db)
 
     # only a weight changes: nothing is re-embedded, the submission is still valid
     again = stage("06_ensemble_submit.py", comp, "--set", "ensemble.lite0_64_do=3.0")
