@@ -20,6 +20,8 @@ Predict after the pipeline ran (crops with the detector when there is one):
   python 06_ensemble_submit.py --predict a.jpg b.jpg [--top-k 20] [--out matches.csv]
 """
 
+import time
+
 from common.config import parse_stage_args
 from common.errors import run_stage
 
@@ -31,6 +33,7 @@ def add_args(ap):
 
 
 def main() -> int:
+    t0 = time.perf_counter()
     cfg, paths, args = parse_stage_args(__doc__, extra=add_args)
     from common.config import ConfigError, member_config, member_names
     from common.embedding_store import embed_members
@@ -72,8 +75,13 @@ def main() -> int:
     retrieval_gallery(embs[final], table, paths.gallery_png, truth, search["gallery_queries"], search["gallery_k"],
                       **index)
     extra = {"rerank": {"weight": reranked["calibration"].weight, "new_whale_threshold": threshold}} if reranked else {}
+    seconds = {"stage": round(time.perf_counter() - t0, 1), **({f"rerank_{k}": v for k, v in reranked["seconds"].items()}
+                                                              if reranked else {})}
     write_json(paths.scores_json, {"final": final, "weights": weights, "scores": scores, "search": recall, **report,
-                                   **extra})
+                                   **extra, "seconds": seconds})
+    if reranked:
+        print(f"stage 06: {seconds['stage']} s, of which local features {seconds['rerank_features']} s and "
+              f"local matching {seconds['rerank_matching']} s ({seconds['rerank_matching'] / max(seconds['stage'], 1e-9):.0%})")
     print(f"wrote {paths.submission_csv}, {paths.submission_ids_csv}, {paths.scores_json}, {paths.gallery_png}"
           + (f", {paths.rerank_dir}/" if reranked else ""))
     return 0

@@ -399,7 +399,7 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
     note = (f"val.* of the +local/+fused rows: {report['n_queries']} queries ({report['n_held_out_queries']} of them "
             f"photos of identities held out of training, rerank.val_queries: {r['val_queries']}); the embedding "
             f"alone on those: map20 {e['map20']:.4f}, top1 {e['top1']:.4f}, hit20 {e['hit20']:.4f}")
-    return {"calibration": cal, "scores": scores, "note": note, **lists}
+    return {"calibration": cal, "scores": scores, "note": note, "seconds": report["seconds"], **lists}
 
 
 # ---- figures -------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ work it cannot avoid, on the same machine, batch and size, so the figures travel
   vs the bare backbone forward on ready tensors (both flips), same batch and size; target >= 0.9x;
 * ``train``: the training loop's images/s (data loading, augmentation, loss, optimiser, one epoch
   of :func:`common.training.fit` without validation) vs a bare forward + backward + step on ready
-  tensors; target >= 0.8x.
+  tensors; target >= 0.8x;
+* ``match``: SIFT extraction images/s, and the re-ranking's local matching pairs/s vs the bare OpenCV
+  calls on the same features (stage 06 prints and saves the share of its time matching takes).
 
 Writes ``DATA/bench/speed.json`` and ``speed.md`` (a table) and prints the table.
     python -m common.speed [--data DATA] [--sizes 10000 100000 1000000] [--images 128] [--img-size 224]
@@ -210,12 +212,66 @@ def train_speed(photos: list[Path], backbone: str, img_size: int, P: int, K: int
              "ratio": round((n / t_loop) / per_bare, 3), "target": ">= 0.8"}]
 
 
+def match_speed(photos: list[Path], size: int = 384, max_keypoints: int = 500, threads: int = 2,
+                repeat: int = 4) -> list[dict]:
+    """Local-feature matching as the re-ranking runs it (:func:`common.local_features.match_many`:
+    ratio test, MAGSAC homography, mirror check, ``threads``) vs the bare OpenCV calls on the same
+    features in one thread (2-NN match, ratio test, findHomography); each photo against a rotated,
+    scaled copy of itself (a true match: RANSAC has inliers to find) and an unrelated photo."""
+    import cv2
+
+    from .local_features import extract, match_many
+
+    def load(i, warp=False):
+        img = cv2.imread(str(photos[i]))
+        rng = np.random.default_rng(i)
+        for _ in range(40):  # marks with corners for SIFT (the smooth noise photos have few keypoints)
+            x, y = (int(v) for v in rng.integers(0, img.shape[1::-1]))
+            colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+            cv2.rectangle(img, (x, y), (x + int(rng.integers(5, 40)), y + int(rng.integers(5, 40))), colour, -1)
+            cv2.circle(img, tuple(int(v) for v in rng.integers(0, img.shape[1::-1])), int(rng.integers(3, 20)), colour, 2)
+        if warp:
+            h, w = img.shape[:2]
+            img = cv2.warpAffine(img, cv2.getRotationMatrix2D((w / 2, h / 2), 15, 0.8), (w, h))
+        return img
+
+    n = len(photos)
+    t_feat, feats = _timed(lambda: [extract(load(i), size, max_keypoints) for i in range(n)])
+    feats += [extract(load(i, warp=True), size, max_keypoints) for i in range(n)]
+    pairs = [(i, n + i) for i in range(n)] + [(i, (i + 1) % n) for i in range(n)]
+    pairs = pairs * repeat
+
+    def bare():
+        matcher = cv2.BFMatcher(cv2.NORM_L2)
+        for a, b in pairs:
+            knn = matcher.knnMatch(feats[a].desc, feats[b].desc, k=2)
+            good = [m for m, m2 in (x for x in knn if len(x) == 2) if m.distance < 0.8 * m2.distance]
+            if len(good) >= 6:
+                cv2.findHomography(feats[a].xy[[m.queryIdx for m in good]], feats[b].xy[[m.trainIdx for m in good]],
+                                   cv2.USAC_MAGSAC, 5.0, maxIters=2000, confidence=0.995)
+
+    t_bare, _ = _timed(bare)
+    t_pipe, inliers = _timed(lambda: match_many(feats, pairs, threads=threads, progress=False))
+    per_bare = len(pairs) / t_bare
+    true, false = inliers[: n].mean(), inliers[n: 2 * n].mean()
+    return [{"bench": "match", "case": f"SIFT + RootSIFT extraction, longest side {size}, {max_keypoints} keypoints",
+             "seconds": round(t_feat, 3), "per_s": round(n / t_feat, 1), "unit": "images", "ratio": 1.0},
+            {"bench": "match", "case": "bare OpenCV 2-NN + ratio + MAGSAC, 1 thread", "seconds": round(t_bare, 3),
+             "per_s": round(per_bare, 1), "unit": "pairs", "ratio": 1.0},
+            {"bench": "match", "case": f"pipeline match_many, {threads} threads (inliers: copy {true:.0f}, other {false:.0f})",
+             "seconds": round(t_pipe, 3), "per_s": round(len(pairs) / t_pipe, 1), "unit": "pairs",
+             "ratio": round(len(pairs) / t_pipe / per_bare, 3)}]
+
+
 # ---------------------------------------------------------------------------------------------
 def markdown(rows: list[dict]) -> str:
     cols = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+BENCHES = ("search", "extract", "train", "match")
 
 
 def main(argv=None) -> int:
@@ -228,14 +284,14 @@ def main(argv=None) -> int:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--only", nargs="+", choices=["search", "extract", "train"], default=["search", "extract", "train"])
+    ap.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES))
     args = ap.parse_args(argv)
     from .paths import Paths
 
     paths = Paths(args.data, args.data)
     rows = []
     with tempfile.TemporaryDirectory(prefix="speed_") as tmp:
-        photos = _photos(Path(tmp) / "photos", args.images) if {"extract", "train"} & set(args.only) else []
+        photos = _photos(Path(tmp) / "photos", args.images) if {"extract", "train", "match"} & set(args.only) else []
         if "search" in args.only:
             for n in args.sizes:
                 rows += search_speed(n, args.dim, n_queries=min(1000, n // 4))
@@ -243,6 +299,8 @@ def main(argv=None) -> int:
             rows += extract_speed(photos, args.backbone, args.img_size, 32, args.workers)
         if "train" in args.only:
             rows += train_speed(photos, args.backbone, args.img_size, 8, 4, args.workers, Path(tmp))
+        if "match" in args.only:
+            rows += match_speed(photos, threads=args.workers)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "argv": sys.argv[1:] if argv is None else argv}
     write_json(paths.bench_dir / "speed.json", {**meta, "rows": rows})
     text = markdown(rows)

@@ -2,7 +2,7 @@
 figures themselves are benchmarks, not tests)."""
 import json
 
-from common.speed import main, search_speed
+from common.speed import _photos, main, match_speed, search_speed
 
 
 def test_exact_searches_agree_and_ivf_reports_recall():
@@ -25,7 +25,14 @@ def test_harness_writes_the_table(tmp_path):
     assert main(["--data", str(tmp_path), "--sizes", "400", "--dim", "8", "--images", "8", "--img-size", "32",
                  "--workers", "0"]) == 0
     res = json.loads((tmp_path / "bench" / "speed.json").read_text())
-    assert {r["bench"] for r in res["rows"]} == {"search", "extract", "train"}
+    assert {r["bench"] for r in res["rows"]} == {"search", "extract", "train", "match"}
     for r in res["rows"]:
         assert {"bench", "case", "seconds", "per_s", "unit", "ratio"} <= set(r) and r["per_s"] > 0
     assert (tmp_path / "bench" / "speed.md").read_text().startswith("| bench | case |")
+
+
+def test_matching_bench_finds_the_copy_and_not_the_other_photo(tmp_path):
+    rows = match_speed(_photos(tmp_path, 4), size=256, max_keypoints=300, repeat=1)
+    assert [r["unit"] for r in rows] == ["images", "pairs", "pairs"] and all(r["per_s"] > 0 for r in rows)
+    copy, other = (int(v) for v in rows[2]["case"].split("copy ")[1].rstrip(")").split(", other "))
+    assert copy >= 20 and other < copy / 4  # a rotated, scaled copy has many inliers, an unrelated photo few

@@ -132,6 +132,8 @@ def test_stage06_writes_valid_submissions_and_reuses_embeddings(comp):
     assert set(scores["scores"]) == {*member_names(load_config("tiny")), "ensemble", "ensemble+local", "ensemble+fused"}
     assert 0 <= scores["rerank"]["weight"] <= 1
     assert scores["search"] == {"index": "flat", "n_db": len(db), "n_sample": 0, "recall": 1.0}  # auto: exact here
+    sec = scores["seconds"]
+    assert 0 < sec["rerank_matching"] <= sec["rerank_total"] <= sec["stage"] and "local matching" in out.stdout
     for f in (comp.rerank_calibration, comp.reliability_png, comp.matches_png, comp.rerank_report):
         assert f.exists(), f
     assert "ensemble+fused" in out.stdout
