@@ -195,6 +195,9 @@ def train_speed(photos: list[Path], backbone: str, img_size: int, P: int, K: int
     loss_fn = MetricLoss(member["train"], model.emb_dim, max(P, n // K))
     opt = torch.optim.AdamW([*model.parameters(), *loss_fn.parameters()], lr=1e-4)
     x, y = torch.randn(P * K, 3, img_size, img_size), torch.arange(P).repeat_interleave(K)
+    if member["train"]["channels_last"]:  # the memory format the training loop uses (1.6x on CPU with oneDNN)
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def bare():
         for _ in range(max(1, n // (P * K))):
