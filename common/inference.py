@@ -1,4 +1,8 @@
-"""Embedding images with a trained model (eval mode, batched, optional flip TTA, AMP on CUDA)."""
+"""Embedding images with a trained model (eval mode, batched, optional flip TTA, AMP on CUDA).
+
+Under torchrun every rank embeds its share of the images and every rank gets them all back, in
+order (common/distributed.py).
+"""
 from __future__ import annotations
 
 
@@ -6,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from . import distributed
 from .augment import build_transforms
 from .io import read_image
 from .runtime import resolve_device
@@ -31,12 +36,21 @@ def embed_images(model, image_paths, img_size, batch_size: int = 64, device="cpu
     """(N, emb_dim) float32 unit-norm embeddings of ``image_paths``, in order.
 
     With ``tta_hflip`` the embeddings of each image and of its mirror are averaged, then
-    re-normalised. The model is put in eval mode and given back in the mode it came in.
+    re-normalised. The model is put in eval mode and given back in the mode it came in. Under
+    torchrun every rank must call it with the same paths: each embeds its :func:`distributed.shard`.
     """
+    dev = resolve_device(device)
+    distributed.init(dev)
+    paths = list(image_paths)
+    if not paths:
+        return np.zeros((0, model.emb_dim), dtype=np.float32)
+    return distributed.gather(_embed(model, distributed.shard(paths), img_size, batch_size, dev,
+                                     tta_hflip, num_workers, progress and distributed.is_main(), desc))
+
+
+def _embed(model, paths, img_size, batch_size, dev, tta_hflip, num_workers, progress, desc) -> np.ndarray:
     from tqdm.auto import tqdm
 
-    dev = resolve_device(device)
-    paths = list(image_paths)
     out = np.zeros((len(paths), model.emb_dim), dtype=np.float32)
     if not paths:
         return out

@@ -12,6 +12,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from . import distributed
+from .config import ConfigError
 from .datasets import make_loader
 from .io import save_figure
 from .runtime import resolve_device, seed_everything
@@ -23,6 +25,8 @@ def lr_find(member: dict, train_df: pd.DataFrame, out_png, *, init=None, device=
     """Exponential LR sweep (``train.lr`` from start_lr to end_lr, group multipliers kept) on PK
     batches from the starting weights (head imprinted as in :func:`fit`); saves the smoothed
     loss-vs-LR plot to ``out_png`` and returns (and prints) the suggested LR (:func:`suggest_lr`)."""
+    if distributed.is_distributed():
+        raise ConfigError("--lr-find runs in one process: run it without torchrun (NPROC=1)")
     device = resolve_device(device)
     seed_everything(int(member["seed"]))
     run = setup_run(member, train_df, init, device)

@@ -9,17 +9,22 @@ from .config import ConfigError
 
 def resolve_device(name=None):
     """A ``torch.device`` from a config value: ``auto`` (or None) → CUDA when available, else CPU;
-    ``cuda`` without a GPU is a clear error; a ``torch.device`` is returned as it is."""
+    ``cuda`` without a GPU is a clear error; a ``torch.device`` is returned as it is. Under
+    torchrun, ``auto`` and ``cuda`` are this process's GPU, ``cuda:LOCAL_RANK`` (common/distributed.py)."""
     import torch
+
+    from . import distributed
 
     if isinstance(name, torch.device):
         return name
     name = str(name or "auto")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} asked for, but no CUDA GPU is available (set device: auto or cpu)")
+    if dev.type == "cuda" and dev.index is None and distributed.is_distributed():
+        dev = torch.device("cuda", distributed.local_rank())
     return dev
 
 

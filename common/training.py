@@ -15,7 +15,13 @@
   starting weights are scored as epoch 0), ``best.pt`` by ``train.metric``, ``last.pt`` every
   epoch; ``resume=True`` continues from last.pt (weights, optimiser, schedule, RNG) and ends
   where an uninterrupted run ends;
-* out_dir gets best.pt, last.pt, history.csv, curves.png, config.json and tb/ (TensorBoard).
+* out_dir gets best.pt, last.pt, history.csv, curves.png, config.json and tb/ (TensorBoard);
+* under torchrun (common/distributed.py) the model and the margin head train as one
+  DistributedDataParallel module (:class:`TrainStep`: gradients of both all-reduced, so they stay
+  identical on every rank), each rank takes its share of the identities of every PK batch (the
+  global batch stays P x K: the same steps per epoch as one process), ``train.sync_bn`` shares
+  BatchNorm statistics across GPUs; validation embeds a share of the images on each rank; rank 0
+  writes every artifact and its epoch row (scores, time) decides for all ranks.
 
 The schedule lives in common/schedule.py, the learning-rate finder in common/lr_finder.py, the
 frozen trunk and its feature cache in common/trunk.py, member resolution in common/members.py.
@@ -36,6 +42,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from . import distributed
 from .config import ConfigError
 from .augment import build_transforms
 from .datasets import FlukeDataset, encode_labels, hflip_mode, make_loader
@@ -45,7 +52,7 @@ from .losses import MetricLoss
 from .models import PooledBackbone, build_model
 from .retrieval import evaluate_embeddings
 from .runtime import resolve_device, seed_everything
-from .samplers import PKSampler
+from .samplers import DistributedPKSampler
 from .schedule import lr_factor, resolve_phases, size_at, trim_phases
 from .trunk import cached_trunk, freeze, split_backbone
 
@@ -93,6 +100,21 @@ def build_optimizer(model, loss_fn: nn.Module, train_cfg: dict) -> torch.optim.O
     raise ConfigError(f"train.optimizer must be 'adamw' or 'adam', not {kind!r}")
 
 
+class TrainStep(nn.Module):
+    """The trainable model and its loss (whose margin head trains with it) as one module:
+    DistributedDataParallel around it all-reduces the gradients of both. ``forward(x, y, cached)``
+    -> ``(loss, parts)``; ``cached``: ``x`` are trunk features, embedded by ``top`` and the neck."""
+
+    def __init__(self, model, loss_fn: MetricLoss, top, amp_dtype):
+        super().__init__()
+        self.model, self.loss_fn, self.top, self.amp_dtype = model, loss_fn, top, amp_dtype
+
+    def forward(self, x, y, cached: bool = False):
+        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            emb = self.model.embed_map(self.top(x)) if cached else self.model(x)
+        return self.loss_fn(emb, y)
+
+
 @dataclass
 class Run:
     """Everything one training run holds, as named fields (ultralytics keeps its trainer state so)."""
@@ -111,7 +133,8 @@ class Run:
     cache_views: int                  # views per image in the trunk cache; 0 = train on images
     scaler: torch.amp.GradScaler
     dataset: FlukeDataset
-    sampler: PKSampler
+    sampler: DistributedPKSampler     # this rank's share of every PK batch (all of it in one process)
+    net: nn.Module                    # TrainStep(model, loss_fn); in DistributedDataParallel under torchrun
     cache: object = None              # the TrunkCache of the current phase, when cache_views
     cache_dir: object = None          # where trunk caches are kept between runs
     step: int = 0                     # optimisation steps so far (TensorBoard x axis)
@@ -137,6 +160,12 @@ def setup_run(member: dict, train_df: pd.DataFrame, init, device, state=None) ->
         if loss_fn.head is not None:
             loss_fn.head.load_state_dict(state["head"])
     cuda = device.type == "cuda"
+    if tcfg["sync_bn"] and distributed.is_distributed():
+        if not cuda:
+            raise ConfigError("train.sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel): set it false on CPU")
+        from timm.layers import convert_sync_batchnorm  # torch's SyncBatchNorm, keeping timm's BatchNormAct2d activations
+
+        model = convert_sync_batchnorm(model)
     model.to(device)
     loss_fn.to(device)
     trunk = top = None
@@ -153,12 +182,14 @@ def setup_run(member: dict, train_df: pd.DataFrame, init, device, state=None) ->
     P = int(tcfg["batch_size"]) // K if tcfg["batch_size"] else int(tcfg["P"])
     return Run(
         model=model, loss_fn=loss_fn, opt=build_optimizer(model, loss_fn, tcfg), device=device,
+        net=TrainStep(model, loss_fn, top, amp_dtype),
         classes=classes, labels=labels, flip=flip, channels_last=channels_last, amp_dtype=amp_dtype,
         freeze_bn=bool(tcfg["freeze_bn"]), trunk=trunk, top=top,
         cache_views=cache_views(tcfg, len(train_df), flip) if trunk is not None and tcfg["cache_trunk"] else 0,
         scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
         dataset=FlukeDataset(train_df["path"], labels, mirror_offset=len(classes) if flip else 0),
-        sampler=PKSampler(labels, max(P, 1), K, seed=int(member["seed"]), flip=flip))
+        sampler=DistributedPKSampler(labels, max(P, 1), K, seed=int(member["seed"]), flip=flip,
+                                     rank=distributed.rank(), world_size=distributed.world_size()))
 
 
 def cache_views(tcfg: dict, n_train: int, flip: bool) -> int:
@@ -205,9 +236,7 @@ def train_step(run, x, y, lr_per_group, grad_clip) -> tuple[float, dict]:
     x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
     if run.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32, enabled=run.amp_dtype is not None):
-        emb = run.model.embed_map(run.top(x)) if run.cache is not None else run.model(x)
-    loss, parts = run.loss_fn(emb, y)
+    loss, parts = run.net(x, y, run.cache is not None)
     if not torch.isfinite(loss):
         raise FloatingPointError(f"training loss is {loss.item()} (parts {parts}); lower train.lr or check the data")
     run.opt.zero_grad(set_to_none=True)
@@ -398,6 +427,8 @@ def _history_frame(history: list[dict]) -> pd.DataFrame:
 
 
 def _log_epoch(writer, row: dict) -> None:
+    if writer is None:  # not rank 0
+        return
     for k, v in row.items():
         if k in METRICS:
             writer.add_scalar(f"val/{k}", v, row["epoch"])
@@ -428,6 +459,8 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
     phases = resolve_phases(tcfg, member["model"]["img_size"])
     n_epochs = sum(n for _, n in phases)
     out_dir, device, seed = Path(out_dir), resolve_device(device), int(member["seed"])
+    distributed.init(device)
+    main, progress = distributed.is_main(), progress and distributed.is_main()
     seed_everything(seed, deterministic)
     state = _resume_state(out_dir / "last.pt", train_df, member["name"], n_epochs) if resume else None
     run = setup_run(member, train_df, init, device, state)
@@ -441,13 +474,13 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
         if state.get("scaler"):
             run.scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
-    else:
+    elif main:
         shutil.rmtree(out_dir / "tb", ignore_errors=True)
         write_json(out_dir / "config.json", {
             "member": member, "init": str(init) if init else member["model"]["pretrained"],
             "device": str(device), "phases": phases, "n_images": len(train_df), "n_identities": len(run.classes),
             "n_classes": len(run.classes) * (2 if run.flip else 1), "n_val": 0 if val_df is None else len(val_df)})
-    writer = SummaryWriter(str(out_dir / "tb"), purge_step=run.step if state else None)
+    writer = SummaryWriter(str(out_dir / "tb"), purge_step=run.step if state else None) if main else None
     emb_kw = dict(device=device, batch_size=int(tcfg["batch_embed"]), num_workers=num_workers,
                   progress=progress, seen=run.classes)
     size = size_at(phases, start)
@@ -459,13 +492,16 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
                             **emb_kw)
         else:
             base = frozen_baseline(member, val_df, device, emb_kw["batch_size"], num_workers, progress, run.classes)
-        print(f"{member['name']} baseline (untrained {member['model']['pretrained']} backbone): "
+        distributed.print0(f"{member['name']} baseline (untrained {member['model']['pretrained']} backbone): "
               + ", ".join(f"{k} {base[k]:.4f}" for k in (*METRICS, "top1_unseen") if k in base))
     if start == 0 and val_df is not None and tcfg["eval_init"]:
         history = [{"epoch": 0, "img_size": phases[0][0], **_validate(run, val_df, size, val_rows, emb_kw)}]
         _log_epoch(writer, history[0])
     if start == 0 and tcfg["imprint"] and n_epochs:
         imprint_head(run, phases[0][0], emb_kw["batch_size"], num_workers, seed, progress)
+    run.net = distributed.wrap(run.net, device)  # DDP: rank 0's weights (and imprinted head) on every rank
+    if distributed.is_distributed():  # dropout draws of its own on each rank
+        seed_everything(seed + distributed.rank(), deterministic)
 
     sched = dict(total=n_epochs, warmup=float(tcfg["warmup_epochs"] or 0),
                  schedule=tcfg["schedule"], floor=float(tcfg["min_lr_frac"]), cycle=float(tcfg["sgdr_cycle"]),
@@ -480,15 +516,17 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
         row = {"epoch": epoch + 1, "img_size": size,
                **_train_epoch(run, loader, epoch, sched, tcfg, writer, f"{member['name']} epoch {epoch + 1}/{n_epochs} "
                               f"@{size}px", progress)}
+        distributed.sync_buffers(run.model)  # validation and checkpoints see rank 0's BatchNorm statistics
         every = int(tcfg["val_every"] or 1)
         validate = val_df is not None and ((epoch + 1) % every == 0 or epoch + 1 == n_epochs)
         if validate:
             row.update(_validate(run, val_df, size, val_rows, emb_kw))
         row["time_s"] = round(time.time() - t0, 1)
+        row = distributed.broadcast(row)  # rank 0's scores and time decide for every rank
         if epoch == start and tcfg["time_budget_min"] and state is None:
             fits = max(epoch + 1, int(float(tcfg["time_budget_min"]) * 60 // max(row["time_s"], 1e-3)))
             if fits < n_epochs:
-                print(f"{member['name']}: {n_epochs} epochs of {row['time_s']:.0f}s exceed train.time_budget_min="
+                distributed.print0(f"{member['name']}: {n_epochs} epochs of {row['time_s']:.0f}s exceed train.time_budget_min="
                       f"{tcfg['time_budget_min']}: training {fits} epochs (schedule fitted to them)")
                 n_epochs = sched["total"] = fits
                 end = min(end, fits)
@@ -500,12 +538,14 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
         if improved:
             best = {"score": score, "epoch": epoch + 1,
                     "metrics": scores_of(row)}
-        _save(run, member, out_dir, history, best, improved, sched, phases, init)
-        plot_history(history, out_dir / "curves.png", f"{member['name']}: {tcfg['loss']} on {len(train_df)} images")
-        print(f"{member['name']} epoch {epoch + 1}/{n_epochs}: " + ", ".join(
+        if main:
+            _save(run, member, out_dir, history, best, improved, sched, phases, init)
+            plot_history(history, out_dir / "curves.png", f"{member['name']}: {tcfg['loss']} on {len(train_df)} images")
+        distributed.barrier()
+        distributed.print0(f"{member['name']} epoch {epoch + 1}/{n_epochs}: " + ", ".join(
             f"{k} {row[k]:.4f}" for k in ("loss", *METRICS, "top1_unseen") if k in row) + f" ({row['time_s']}s)")
         if patience and validate and epoch + 1 - best["epoch"] >= patience:
-            print(f"{member['name']}: no better {tcfg['metric']} for {patience} epochs (train.patience): "
+            distributed.print0(f"{member['name']}: no better {tcfg['metric']} for {patience} epochs (train.patience): "
                   f"stopping after epoch {epoch + 1}, best epoch {best['epoch']}")
             break
         if epoch + 1 >= end:
@@ -514,8 +554,11 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
         history = history or [{"epoch": 0, "img_size": phases[0][0]}]
         best = {"score": history[0].get(tcfg["metric"], -math.inf), "epoch": 0,
                 "metrics": scores_of(history[0])}
-        _save(run, member, out_dir, history, best, True, sched, phases, init)
-    writer.close()
+        if main:
+            _save(run, member, out_dir, history, best, True, sched, phases, init)
+        distributed.barrier()
+    if writer is not None:
+        writer.close()
     return {"best": str(out_dir / "best.pt"), "last": str(out_dir / "last.pt"), "metrics": best["metrics"],
             "history": history, "best_epoch": best["epoch"], "baseline": base}
 
@@ -540,7 +583,7 @@ def _prepare_phase(run, member: dict, size, val_df, num_workers: int, progress: 
         run.cache_dir, run.trunk, paths, range(len(run.dataset.paths)), size, run.model.mean, run.model.std,
         views=run.cache_views, strength=float(member["augment"]["strength"]), flip=run.flip, seed=int(member["seed"]),
         device=run.device, batch_size=int(member["train"]["batch_embed"]), progress=progress, num_workers=num_workers)
-    print(f"{member['name']}: trunk cache of {len(paths)} images x {run.cache_views} views at {size}px "
+    distributed.print0(f"{member['name']}: trunk cache of {len(paths)} images x {run.cache_views} views at {size}px "
           f"({run.cache.nbytes() / 2**20:.0f} MiB) {'reused' if reused else 'built'} in {time.time() - t0:.0f}s")
     return _CachedBatches(run), val_rows
 
@@ -568,12 +611,12 @@ def _validate(run, val_df, size, val_rows, emb_kw: dict) -> dict:
 
 def _resume_state(last_path: Path, train_df: pd.DataFrame, name: str, n_epochs: int) -> dict | None:
     if not last_path.exists():
-        print(f"no {last_path} to resume from: training {name} from the start")
+        distributed.print0(f"no {last_path} to resume from: training {name} from the start")
         return None
     state = torch.load(last_path, map_location="cpu", weights_only=False)
     if state.get("classes") != encode_labels(train_df["Id"])[1]:
         raise ConfigError(f"cannot resume from {last_path}: the training identities changed; rerun without --resume")
-    print(f"resuming {name} from {last_path} (epoch {state['epoch']}/{n_epochs})")
+    distributed.print0(f"resuming {name} from {last_path} (epoch {state['epoch']}/{n_epochs})")
     return state
 
 
@@ -587,14 +630,15 @@ def _train_epoch(run, loader, epoch: int, sched: dict, tcfg: dict, writer, desc:
     for i, (x, y) in enumerate(bar):
         f = lr_factor(epoch + i / len(loader), **sched)
         loss, parts = train_step(run, x, y, [lr * g["lr_mult"] * f for g in run.opt.param_groups], tcfg["grad_clip"])
-        writer.add_scalar("train/loss", loss, run.step)
-        writer.add_scalar("train/lr", lr * f, run.step)
+        if writer is not None:
+            writer.add_scalar("train/loss", loss, run.step)
+            writer.add_scalar("train/lr", lr * f, run.step)
         run.step += 1
         for k, v in {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()}}.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1
         bar.set_postfix(loss=f"{sums['loss'] / n:.3f}")
-    return {"lr": lr * f, **{k: v / max(n, 1) for k, v in sums.items()}}
+    return {"lr": lr * f, **distributed.mean({k: v / max(n, 1) for k, v in sums.items()})}
 
 
 def _save(run, member: dict, out_dir: Path, history: list, best: dict, improved: bool, sched: dict, phases,

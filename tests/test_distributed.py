@@ -1,0 +1,158 @@
+"""common/distributed.py: one process as before; two gloo processes under torchrun train like one.
+
+The two-process checks run this file as a torchrun script (``main`` below) on the toy set of
+tests/test_training.py: one epoch of the image path and one of the cached-trunk path, then a
+sharded extraction; each rank saves what it ended with, and the tests compare.
+"""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+N_EMBED = 23  # an odd number of images: the two shares differ in size
+
+
+def test_without_torchrun_everything_is_one_process(monkeypatch):
+    from common import distributed
+    from common.runtime import resolve_device
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    distributed.init("cpu")
+    assert not torch.distributed.is_initialized()
+    assert (distributed.world_size(), distributed.rank(), distributed.is_main(), distributed.is_distributed()) == (1, 0, True, False)
+    distributed.barrier()
+    rows = np.arange(6.0).reshape(3, 2)
+    assert distributed.shard([1, 2, 3]) == [1, 2, 3] and distributed.broadcast({"stop": 1}) == {"stop": 1}
+    assert distributed.gather(rows) is rows and distributed.mean({"loss": 2.0}) == {"loss": 2.0}
+    module = torch.nn.Linear(2, 2)
+    assert distributed.wrap(module, "cpu") is module
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_lr_find_refuses_torchrun(monkeypatch, tmp_path):
+    from common import lr_finder
+    from common.config import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--lr-find runs in one process"):
+        lr_finder.lr_find({}, None, tmp_path / "lr.png")
+
+
+def _launch(out: Path, data: Path, nproc: int) -> float:
+    """Run :func:`main` in ``nproc`` processes (plain python for 1, torchrun for more); wall seconds."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"  # one thread per process, as torchrun sets it: 1 process = 1 core
+    cmd = [sys.executable, __file__, str(out), str(data)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] + cmd[1:]
+    t0 = time.time()
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"{nproc} process(es) failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return time.time() - t0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    from test_training import toy_frame
+
+    data = tmp_path_factory.mktemp("toy")
+    toy_frame(data / "img").to_csv(data / "train.csv", index=False)
+    out1, out2 = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    t1, t2 = _launch(out1, data, 1), _launch(out2, data, 2)
+    print(f"\ntoy set, 2 fits of 1 epoch + extraction: 1 process {t1:.1f} s, 2 gloo processes (torchrun) {t2:.1f} s")
+    return data, out1, out2
+
+
+@pytest.mark.parametrize("path", ["plain", "cached"])
+def test_two_ranks_take_the_steps_of_one_process_and_end_with_identical_weights(runs, path):
+    from common.models import load_checkpoint
+
+    data, out1, out2 = runs
+    one = torch.load(out1 / f"rank0_{path}.pt", weights_only=False)
+    r0, r1 = (torch.load(out2 / f"rank{r}_{path}.pt", weights_only=False) for r in (0, 1))
+    assert one["steps"] == r0["steps"] == r1["steps"] == one["batches"] > 0, "same global batch, same steps"
+    for k, v in r0["model"].items():
+        assert torch.equal(v, r1["model"][k]), f"model weight {k} differs between the ranks"
+    assert torch.equal(r0["head"]["weight"], r1["head"]["weight"]), "ArcFace head differs between the ranks"
+    for name in ("best.pt", "last.pt"):
+        model, ckpt = load_checkpoint(out2 / path / name)
+        assert ckpt["step"] == one["steps"] and ckpt["classes"] == [f"w{i}" for i in range(6)]
+    _, last = load_checkpoint(out2 / path / "last.pt")
+    assert all(torch.equal(v, r0["model"][k]) for k, v in last["model"].items()), "rank 0 saved what it trained"
+    assert [h["epoch"] for h in last["history"]] == [0, 1]
+    assert (out2 / path / "history.csv").exists() and (out2 / path / "curves.png").exists()
+
+
+def test_the_sampler_gives_each_rank_other_identities_and_covers_every_one(runs):
+    import pandas as pd
+
+    data, _, out2 = runs
+    labels = pd.read_csv(data / "train.csv")["Id"].str[1:].astype(int).to_numpy()
+    per_rank = [torch.load(out2 / f"rank{r}_plain.pt", weights_only=False)["keys"] for r in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1])
+    for a, b in zip(*per_rank):
+        assert a and b and not {labels[i] for i, _, _ in a} & {labels[i] for i, _, _ in b}, "disjoint identities per step"
+    seen = {i for keys in per_rank for batch in keys for i, _, _ in batch}
+    assert seen == set(range(len(labels))) and {labels[i] for i in seen} == set(labels), "every image and identity"
+
+
+def test_sharded_extraction_gives_the_embeddings_of_one_process_in_order(runs):
+    import pandas as pd
+
+    from common.inference import embed_images
+    from common.models import load_checkpoint
+
+    data, _, out2 = runs
+    paths = list(pd.read_csv(data / "train.csv")["path"][:N_EMBED])
+    model, _ = load_checkpoint(out2 / "plain" / "best.pt")
+    alone = embed_images(model, paths, 48, batch_size=8, tta_hflip=True, progress=False)
+    sharded = np.load(out2 / "emb.npy")
+    assert sharded.shape == alone.shape == (N_EMBED, 16)
+    np.testing.assert_allclose(sharded, alone, atol=1e-5)
+
+
+def main(out: Path, data: Path) -> None:
+    """What every rank runs: two one-epoch fits (image path, cached-trunk path), then an extraction."""
+    import pandas as pd
+
+    sys.path.insert(0, str(ROOT))
+    from common import distributed, training
+    from common.inference import embed_images
+    from common.models import load_checkpoint
+    from common.samplers import PKSampler
+    from test_training import tiny_member
+
+    runs = []
+    setup_run = training.setup_run
+
+    def keep_run(*args, **kwargs):  # the Run of each fit, to save this rank's weights and batches
+        runs.append(setup_run(*args, **kwargs))
+        return runs[-1]
+
+    training.setup_run = keep_run
+    df = pd.read_csv(data / "train.csv")
+    val = df.assign(is_query=[int(j % 2 == 0) for j in range(len(df))])
+    for path, extra in (("plain", {}), ("cached", dict(trainable_blocks=1, cache_trunk=True, cache_views=2))):
+        member = tiny_member(epochs=1, P=4, K=2, **extra)
+        member["model"]["pretrained"] = "none"
+        training.fit(member, df, val, out / path, device="cpu", progress=False)
+        run = runs[-1]
+        run.sampler.set_epoch(0)
+        torch.save({"model": run.model.state_dict(), "head": run.loss_fn.head.state_dict(), "steps": run.step,
+                    "keys": list(run.sampler), "batches": len(PKSampler(run.labels, 4, 2, seed=int(member["seed"]), flip=run.flip))},
+                   out / f"rank{distributed.rank()}_{path}.pt")
+    model, _ = load_checkpoint(out / "plain" / "best.pt")
+    emb = embed_images(model, list(df["path"][:N_EMBED]), 48, batch_size=8, tta_hflip=True, progress=False)
+    if distributed.is_main():
+        np.save(out / "emb.npy", emb)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
