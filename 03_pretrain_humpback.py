@@ -21,13 +21,15 @@ def extra(ap):
 
 def main() -> int:
     cfg, paths, args = parse_stage_args(__doc__, extra=extra)
-    from common import members, tables, training
+    from common import distributed, members, tables, training
     from common.io import atomic_path, read_json, write_json
 
     reason = members.pretrain_skip_reason(cfg, paths)
+    main_rank = distributed.is_main()  # under torchrun every rank trains, rank 0 writes
     if reason:
-        print(f"stage 03 skipped: {reason}; stage 04 starts from model.pretrained weights")
-        write_json(paths.pretrain_summary, {"skipped": reason})
+        if main_rank:
+            print(f"stage 03 skipped: {reason}; stage 04 starts from model.pretrained weights")
+            write_json(paths.pretrain_summary, {"skipped": reason})
         return 0
     names = [args.model] if args.model else member_names(cfg)
     old = read_json(paths.pretrain_summary) if args.model and paths.pretrain_summary.exists() else {}
@@ -40,11 +42,13 @@ def main() -> int:
         val_df = tables.val_frame(paths, "pretrain", use_crops=crops) if rows == "local" else None
         result = training.fit(member, train_df, val_df, paths.pretrain_dir(name), device=cfg["device"],
                               resume=args.resume, num_workers=cfg["num_workers"], deterministic=cfg["deterministic"])
-        with atomic_path(paths.pretrain_ckpt(name)) as tmp:
-            shutil.copyfile(result["best"], tmp)
+        if main_rank:
+            with atomic_path(paths.pretrain_ckpt(name)) as tmp:
+                shutil.copyfile(result["best"], tmp)
         summary["members"][name] = members.summary_entry(result, paths.pretrain_ckpt(name), len(train_df))
-    write_json(paths.pretrain_summary, summary)
-    print(f"wrote {paths.pretrain_summary}")
+    if main_rank:
+        write_json(paths.pretrain_summary, summary)
+        print(f"wrote {paths.pretrain_summary}")
     return 0
 
 

@@ -24,20 +24,22 @@ def extra(ap):
 
 def main() -> int:
     cfg, paths, args = parse_stage_args(__doc__, extra=extra)
-    from common import lr_finder, members, tables, training
+    from common import distributed, lr_finder, members, tables, training
     from common.augment import preview
     from common.io import read_json, write_json
 
     names = [args.model] if args.model else member_names(cfg)
     old = read_json(paths.members_summary).get("members", {}) if paths.members_summary.exists() else {}
     summary = {"members": dict(old) if args.model else {}}
+    main_rank = distributed.is_main()  # under torchrun every rank trains, rank 0 writes
     for name in names:
         member, init = members.member_and_start(cfg, paths, name)
         crops = member["model"]["use_crops"]
         rows = member["train"]["rows"]
         train_df = tables.train_frame(paths, "train", rows=rows, use_crops=crops)
-        preview(train_df["path"][:4], paths.member_dir(name) / "augment.png", member["model"]["img_size"],
-                (0.5,) * 3, (0.5,) * 3, member["augment"]["strength"])  # what the augmentation does, by eye
+        if main_rank:  # what the augmentation does, by eye
+            preview(train_df["path"][:4], paths.member_dir(name) / "augment.png", member["model"]["img_size"],
+                    (0.5,) * 3, (0.5,) * 3, member["augment"]["strength"])
         start = dict(init=init, device=cfg["device"], num_workers=cfg["num_workers"])
         if args.lr_find:
             lr_finder.lr_find(member, train_df, paths.member_dir(name) / "lr_find.png",
@@ -53,9 +55,12 @@ def main() -> int:
         policy = member["train"]["below_baseline"]
         if training.warn_below_baseline(name, entry["metrics"], baseline, member["train"]["metric"], policy) \
                 and policy == "frozen":  # 05 and 06 then embed with the untrained backbone's pooled features
-            entry.update(ckpt=str(training.save_frozen(member, paths.member_dir(name) / "frozen.pt")), fallback="frozen")
+            frozen = paths.member_dir(name) / "frozen.pt"
+            if main_rank:
+                training.save_frozen(member, frozen)
+            entry.update(ckpt=str(frozen), fallback="frozen")
         summary["members"][name] = entry
-    if not args.lr_find:
+    if not args.lr_find and main_rank:
         write_json(paths.members_summary, summary)
         print(f"wrote {paths.members_summary}")
     return 0

@@ -25,6 +25,7 @@ from common.errors import run_stage
 
 def main() -> int:
     cfg, paths, args = parse_stage_args(__doc__, extra=lambda ap: ap.add_argument("--model", help="retrain only this member"))
+    from common import distributed
     from common.config import ConfigError, member_config, member_names
     from common.handoff import trained_checkpoints
     from common.io import read_json, write_json
@@ -41,18 +42,23 @@ def main() -> int:
         raise ConfigError(f"--model {args.model}: not a member with pseudo: true ({', '.join(eligible) or 'none'})")
     checkpoints = {name: str(ckpt) for name, ckpt in trained_checkpoints(paths, names).items()}
     old = read_json(paths.pseudo_report).get("checkpoints", {}) if paths.pseudo_report.exists() else {}
+    main_rank = distributed.is_main()  # under torchrun every rank embeds and trains, rank 0 writes
     for name in names:  # a member not retrained now keeps an earlier accepted retrain (--model), if any
         if name in chosen or name not in eligible or not enabled:
-            shutil.rmtree(paths.pseudo_member_dir(name), ignore_errors=True)
+            if main_rank:
+                shutil.rmtree(paths.pseudo_member_dir(name), ignore_errors=True)
         elif str(old.get(name, "")).startswith(str(paths.pseudo_member_dir(name))) and paths.pseudo_member_dir(name).exists():
             checkpoints[name] = old[name]
     reason = "pseudo.enabled is false" if not enabled else None if chosen else "no member has pseudo: true"
     if reason:
-        paths.pseudo_csv.unlink(missing_ok=True)
-        write_json(paths.pseudo_report, {"skipped": reason, "checkpoints": checkpoints})
-        print(f"stage 05 skipped: {reason}; stage 06 uses the stage 04 checkpoints")
+        if main_rank:
+            paths.pseudo_csv.unlink(missing_ok=True)
+            write_json(paths.pseudo_report, {"skipped": reason, "checkpoints": checkpoints})
+            print(f"stage 05 skipped: {reason}; stage 06 uses the stage 04 checkpoints")
         return 0
     report = run_rounds(cfg, paths, names, chosen, start=checkpoints)
+    if not main_rank:
+        return 0
     write_json(paths.pseudo_report, report)
     print("stage 06 will use: " + ", ".join(f"{name} <- {c}" for name, c in report["checkpoints"].items()))
     print(f"wrote {paths.pseudo_csv}, {paths.pseudo_report}, {paths.pseudo_png}")

@@ -2,6 +2,7 @@
 # RAW has none, then run the stages 00..06, each only when its inputs changed.
 #   make all PROFILE=full RAW=/data/humpback DATA=/scratch/run1 SET="train.epochs=3"
 #   make 04 MODEL=lite0_128          # rerun one stage (one member)
+#   make all NPROC=2                 # stages 03/04/05 in 2 processes (torchrun, one per GPU; README)
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
@@ -9,6 +10,7 @@ RAW     ?= data/raw
 DATA    ?= data
 SET     ?=
 MODEL   ?=
+NPROC   ?= 1
 PYTHON  ?= python3
 # PROFILE not named: demo for the embedded demo, full on a CUDA machine, cpu otherwise (common/profile.py
 # prints which and why); only for the targets that run the pipeline.
@@ -24,6 +26,8 @@ CONFIG  ?= configs/$(PROFILE).yaml
 VENV    := .venv
 PY      := $(VENV)/bin/python
 VENV_OK := $(VENV)/.stamp
+# the training stages 03/04/05: one process, or NPROC under torchrun (common/distributed.py)
+TRAIN_PY := $(if $(filter-out 1,$(NPROC)),$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC),$(PY))
 
 # each override quoted: the shell must not brace-expand a mapping such as ensemble={a:1,b:0.5}
 SET_ARGS := $(foreach s,$(SET),--set '$(s)')
@@ -52,10 +56,10 @@ REPORT := $(DATA)/report/index.html
 .PHONY: help all setup test bench bench-targets bench-speed clean demo predict report tensorboard browser FORCE $(STAGES)
 
 help:  ## list targets
-	@echo "Usage: make <target> [PROFILE=demo|cpu|full|tiny] [RAW=dir] [DATA=dir] [SET=\"key=value ...\"] [MODEL=name]"
+	@echo "Usage: make <target> [PROFILE=demo|cpu|full|tiny] [RAW=dir] [DATA=dir] [SET=\"key=value ...\"] [MODEL=name] [NPROC=n]"
 	@echo
 	@grep -hE '^[0-9a-z_-]+:.*## ' $(firstword $(MAKEFILE_LIST)) | sed -E 's/:.*## /\t/' | column -t -s $$'\t'
-	@echo "00..06  rerun one stage now (03/04/05 accept MODEL=name)"
+	@echo "00..06  rerun one stage now (03/04/05 accept MODEL=name, and NPROC=n processes under torchrun)"
 
 all: $(REPORT)  ## set up, build the demo if needed, run every stale stage, write the submission and report
 	@echo "submission: $(OUT_06)"
@@ -87,11 +91,11 @@ $(OUT_01): $(CODE_01) $(OUT_00) $(wildcard $(RAW)/boxes.csv) $(CFG)/01.json | $(
 $(OUT_02): $(CODE_02) $(OUT_01) $(OUT_00) $(CFG)/02.json | $(VENV_OK)
 	$(PY) 02_crop_flukes.py $(ARGS)
 $(OUT_03): $(CODE_03) $(OUT_02) $(CFG)/03.json | $(VENV_OK)
-	$(PY) 03_pretrain_humpback.py $(ARGS)
+	$(TRAIN_PY) 03_pretrain_humpback.py $(ARGS)
 $(OUT_04): $(CODE_04) $(OUT_03) $(OUT_02) $(CFG)/04.json | $(VENV_OK)
-	$(PY) 04_train_embed.py $(ARGS)
+	$(TRAIN_PY) 04_train_embed.py $(ARGS)
 $(OUT_05): $(CODE_05) $(OUT_04) $(CFG)/05.json | $(VENV_OK)
-	$(PY) 05_pseudo_label.py $(ARGS)
+	$(TRAIN_PY) 05_pseudo_label.py $(ARGS)
 $(OUT_06): $(CODE_06) $(OUT_05) $(OUT_04) $(CFG)/06.json | $(VENV_OK)
 	$(PY) 06_ensemble_submit.py $(ARGS)
 
@@ -105,7 +109,7 @@ report: | $(VENV_OK)  ## (re)write DATA/report/index.html: one page with every s
 00 01 02 06: | $(VENV_OK)
 	$(PY) $(wildcard $@_*.py) $(ARGS)
 03 04 05: | $(VENV_OK)
-	$(PY) $(wildcard $@_*.py) $(ARGS) $(if $(MODEL),--model $(MODEL))
+	$(TRAIN_PY) $(wildcard $@_*.py) $(ARGS) $(if $(MODEL),--model $(MODEL))
 
 test: $(VENV_OK) browser  ## run the test suite (unit tests, doctests, CI-sized stage runs, the report in Chromium)
 	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules tests common

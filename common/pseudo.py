@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from . import distributed
 from .metrics import NEW_WHALE
 from .retrieval import id_search_depth, l2_normalize, rank_identities, search
 
@@ -203,9 +204,9 @@ def judge(result: dict, member: dict, run_dir, keep_worse: bool) -> dict:
     before = next((h.get(metric) for h in result["history"] if h.get("epoch") == 0), None)
     after = result["metrics"].get(metric)
     kept = keep_worse or before is None or after is None or after >= before
-    if not kept:
+    if not kept and distributed.is_main():
         (Path(run_dir) / "best.pt").replace(Path(run_dir) / "best_rejected.pt")
-    print(f"{member['name']}: {metric} {before} -> {after}: {'kept' if kept else 'set aside, keeping the start model'}")
+    distributed.print0(f"{member['name']}: {metric} {before} -> {after}: {'kept' if kept else 'set aside, keeping the start model'}")
     return {"metric": metric, "before": before, "after": after, "kept": kept}
 
 
@@ -216,7 +217,8 @@ def run_rounds(cfg: dict, paths, names: list[str], chosen: list[str], start: dic
     into its own folder ``pseudo/models/<member>/round<r>/``. A retrain that scores below its start
     is set aside and the member keeps its current checkpoint, so a worse round 2 never costs the
     model round 1 accepted. ``start``: member -> stage 04 checkpoint. Returns the report, whose
-    ``checkpoints`` (member -> checkpoint) is what stage 06 uses."""
+    ``checkpoints`` (member -> checkpoint) is what stage 06 uses. Under torchrun every rank runs the
+    rounds (extraction and training split across them, the labelling repeated) and rank 0 writes."""
     from .config import member_config
     from .embedding_store import embed_members
     from .io import write_csv, write_json
@@ -241,19 +243,21 @@ def run_rounds(cfg: dict, paths, names: list[str], chosen: list[str], start: dic
             from .rerank import fused_ranker
 
             nearest, cal, _ = fused_ranker(cfg, paths, table, emb)
-            write_json(paths.pseudo_calibration, cal.to_dict())
+            if distributed.is_main():
+                write_json(paths.pseudo_calibration, cal.to_dict())
         labels, info, curve, best = label_test_images(emb, table, cand, p, max_count, nearest)
         info["truth_precision"] = label_precision(labels, truth)
-        write_csv(paths.pseudo_csv, labels)
-        plot_report(curve, best, info["threshold"], paths.pseudo_png,
-                    f"round {r}: {len(labels)} of {info['n_test']} test images labelled", info["n_val_queries"])
-        print(f"round {r}: labelled {info['labelled']}/{info['n_test']} test images ({info['identities']} Ids) at "
+        if distributed.is_main():
+            write_csv(paths.pseudo_csv, labels)
+            plot_report(curve, best, info["threshold"], paths.pseudo_png,
+                        f"round {r}: {len(labels)} of {info['n_test']} test images labelled", info["n_val_queries"])
+        distributed.print0(f"round {r}: labelled {info['labelled']}/{info['n_test']} test images ({info['identities']} Ids) at "
               f"threshold {info['threshold']:.3f}; precision on validation {info['val_precision']}, "
               f"on the withheld truth {info['truth_precision']}")
         info["members"] = {}
         rounds.append(info)
         if labels.empty:
-            print("no confident test image: nothing to retrain on")
+            distributed.print0("no confident test image: nothing to retrain on")
             break
         for n in chosen:
             member = members[n]
