@@ -21,6 +21,8 @@ from collections import deque
 import numpy as np
 from torch.utils.data import Sampler
 
+from .config import ConfigError
+
 
 class PKSampler(Sampler):
     def __init__(self, labels, P: int, K: int, seed: int = 0, flip: bool = False):
@@ -103,7 +105,8 @@ class DistributedPKSampler(PKSampler):
         if not 0 <= int(rank) < int(world_size):
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         if self.P < world_size:
-            raise ValueError(f"P={self.P} identities per batch cannot be shared by {world_size} ranks")
+            raise ConfigError(f"P={self.P} identities per batch cannot be shared by {world_size} ranks: "
+                              f"raise train.P or lower NPROC")
         self.rank, self.world_size = int(rank), int(world_size)
 
     def __iter__(self):

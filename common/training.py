@@ -163,9 +163,9 @@ def setup_run(member: dict, train_df: pd.DataFrame, init, device, state=None) ->
     if tcfg["sync_bn"] and distributed.is_distributed():
         if not cuda:
             raise ConfigError("train.sync_bn needs CUDA GPUs (SyncBatchNorm has no CPU kernel): set it false on CPU")
-        from timm.layers import convert_sync_batchnorm  # torch's SyncBatchNorm, keeping timm's BatchNormAct2d activations
+        from timm.layers import convert_sync_batchnorm
 
-        model = convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model)  # torch's SyncBatchNorm; keeps the activation of timm's BatchNormAct2d
     model.to(device)
     loss_fn.to(device)
     trunk = top = None
@@ -493,7 +493,7 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
         else:
             base = frozen_baseline(member, val_df, device, emb_kw["batch_size"], num_workers, progress, run.classes)
         distributed.print0(f"{member['name']} baseline (untrained {member['model']['pretrained']} backbone): "
-              + ", ".join(f"{k} {base[k]:.4f}" for k in (*METRICS, "top1_unseen") if k in base))
+                          + ", ".join(f"{k} {base[k]:.4f}" for k in (*METRICS, "top1_unseen") if k in base))
     if start == 0 and val_df is not None and tcfg["eval_init"]:
         history = [{"epoch": 0, "img_size": phases[0][0], **_validate(run, val_df, size, val_rows, emb_kw)}]
         _log_epoch(writer, history[0])
@@ -527,7 +527,7 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
             fits = max(epoch + 1, int(float(tcfg["time_budget_min"]) * 60 // max(row["time_s"], 1e-3)))
             if fits < n_epochs:
                 distributed.print0(f"{member['name']}: {n_epochs} epochs of {row['time_s']:.0f}s exceed train.time_budget_min="
-                      f"{tcfg['time_budget_min']}: training {fits} epochs (schedule fitted to them)")
+                                  f"{tcfg['time_budget_min']}: training {fits} epochs (schedule fitted to them)")
                 n_epochs = sched["total"] = fits
                 end = min(end, fits)
         history.append(row)
@@ -546,7 +546,7 @@ def fit(member: dict, train_df: pd.DataFrame, val_df: pd.DataFrame | None, out_d
             f"{k} {row[k]:.4f}" for k in ("loss", *METRICS, "top1_unseen") if k in row) + f" ({row['time_s']}s)")
         if patience and validate and epoch + 1 - best["epoch"] >= patience:
             distributed.print0(f"{member['name']}: no better {tcfg['metric']} for {patience} epochs (train.patience): "
-                  f"stopping after epoch {epoch + 1}, best epoch {best['epoch']}")
+                              f"stopping after epoch {epoch + 1}, best epoch {best['epoch']}")
             break
         if epoch + 1 >= end:
             break
@@ -584,7 +584,7 @@ def _prepare_phase(run, member: dict, size, val_df, num_workers: int, progress: 
         views=run.cache_views, strength=float(member["augment"]["strength"]), flip=run.flip, seed=int(member["seed"]),
         device=run.device, batch_size=int(member["train"]["batch_embed"]), progress=progress, num_workers=num_workers)
     distributed.print0(f"{member['name']}: trunk cache of {len(paths)} images x {run.cache_views} views at {size}px "
-          f"({run.cache.nbytes() / 2**20:.0f} MiB) {'reused' if reused else 'built'} in {time.time() - t0:.0f}s")
+                      f"({run.cache.nbytes() / 2**20:.0f} MiB) {'reused' if reused else 'built'} in {time.time() - t0:.0f}s")
     return _CachedBatches(run), val_rows
 
 

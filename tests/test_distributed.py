@@ -36,6 +36,22 @@ def test_without_torchrun_everything_is_one_process(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu")
 
 
+def test_under_torchrun_cuda_is_this_ranks_gpu_and_sync_bn_needs_one(monkeypatch, tmp_path):
+    from common import training
+    from common.config import ConfigError
+    from common.runtime import resolve_device
+    from test_training import tiny_member, toy_frame
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == resolve_device("cuda") == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0) and resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="train.sync_bn needs CUDA"):
+        training.setup_run(tiny_member(sync_bn=True), toy_frame(tmp_path, n_ids=2, per_id=2), None, torch.device("cpu"))
+
+
 def test_lr_find_refuses_torchrun(monkeypatch, tmp_path):
     from common import lr_finder
     from common.config import ConfigError
