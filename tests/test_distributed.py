@@ -21,6 +21,7 @@ N_EMBED = 23  # an odd number of images: the two shares differ in size
 def test_without_torchrun_everything_is_one_process(monkeypatch):
     from common import distributed
     from common.runtime import resolve_device
+    from common.samplers import DistributedPKSampler, PKSampler
 
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
@@ -33,6 +34,8 @@ def test_without_torchrun_everything_is_one_process(monkeypatch):
     assert distributed.gather(rows) is rows and distributed.mean({"loss": 2.0}) == {"loss": 2.0}
     module = torch.nn.Linear(2, 2)
     assert distributed.wrap(module, "cpu") is module
+    labels = np.repeat(np.arange(5), [1, 2, 3, 5, 4])
+    assert list(DistributedPKSampler(labels, 3, 2, seed=1, flip=True)) == list(PKSampler(labels, 3, 2, seed=1, flip=True))
     assert resolve_device("cpu") == torch.device("cpu")
 
 
