@@ -8,8 +8,9 @@ destroyed at exit. Training wraps its model in PyTorch's DistributedDataParallel
 (common/samplers.DistributedPKSampler) and extraction splits its images (common/inference.py).
 Rank 0 writes every artifact; the others wait at a :func:`barrier`.
 
-Without torchrun (no ``WORLD_SIZE``, or 1) there is one process of rank 0 and every function
-here does nothing: a plain ``python 04_train_embed.py`` runs exactly as it always did.
+Without torchrun (no ``WORLD_SIZE``, or 1) there is one process of rank 0, every collective
+here is a no-op and :func:`wrap` returns the module itself: a plain ``python 04_train_embed.py``
+runs exactly as it always did.
 
 >>> world_size(), rank(), is_main(), broadcast({"stop": True}), shard(["a", "b", "c"])
 (1, 0, True, {'stop': True}, ['a', 'b', 'c'])
