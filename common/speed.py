@@ -106,19 +106,20 @@ def search_speed(n: int, dim: int = 256, n_queries: int = 1000, k: int = 20, see
     if n < exact_all_below:
         cases += [("sklearn brute (exact)", brute, mem_flat), ("numpy argsort (exact)", numpy_sort, mem_flat)]
     cases += [(f"faiss IVF nlist={nlist} nprobe={ivf_index.nprobe} (built in {t_build:.1f}s)", ivf, mem_ivf)]
-    rows, ref = [], None
+    rows, secs, ref = [], [], None
     for name, fn, mem in cases:
         sec, idx = _timed(fn, repeat=2 if n <= 20000 else 1)
         ref = idx if ref is None else ref
         recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(idx, ref)]))
         same = [set(b[db_label[b] == ql]) for b, ql in zip(ref, q_label)]  # exact hits of the query's identity
         id_recall = sum(len(set(a) & m) for a, m in zip(idx, same)) / max(1, sum(map(len, same)))
+        sec = max(sec, 1e-9)  # a tiny search can time at 0
+        secs.append(sec)
         rows.append({"bench": "search", "case": f"{n // 1000}k x {dim}: {name}", "seconds": round(sec, 4),
                      "per_s": round(n_queries / sec, 1), "unit": "queries", f"recall@{k}": round(recall, 4),
                      "identity_recall": round(id_recall, 4), "mem_mib": round(mem, 3)})
-    base = rows[0]["seconds"]
-    for r in rows:
-        r["ratio"] = round(base / r["seconds"], 3)  # > 1: faster than faiss flat
+    for r, sec in zip(rows, secs):
+        r["ratio"] = round(secs[0] / sec, 3)  # > 1: faster than faiss flat (unrounded times: tiny ones round to 0)
     return rows
 
 
