@@ -137,6 +137,34 @@ def test_sharded_extraction_gives_the_embeddings_of_one_process_in_order(runs):
     np.testing.assert_allclose(sharded, alone, atol=1e-5)
 
 
+def test_stage04_in_two_gloo_processes_then_05_06_write_a_valid_submission(tmp_path):
+    """Stage 04 as `make 04 NPROC=2` runs it, then stages 05 and 06 as usual: the submission validates."""
+    import pandas as pd
+
+    from common.models import load_checkpoint
+    from common.submission import read_image_submission, validate_image_submission
+    from test_stage05_06 import OVERRIDES, build_competition, stage
+
+    paths = build_competition(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "04_train_embed.py",
+           "--raw", str(paths.raw), "--data", str(paths.data), "--config", "tiny"]
+    for o in OVERRIDES + ["train.baseline=false"]:
+        cmd += ["--set", o]
+    res = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"stage 04 under torchrun failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    summary = pd.read_json(paths.members_summary, typ="series")["members"]
+    for name, entry in summary.items():
+        _, ckpt = load_checkpoint(entry["ckpt"])
+        assert ckpt["epoch"] == 1 and len(ckpt["classes"]) == 8, name
+    for script, extra in (("05_pseudo_label.py", ["--set", "pseudo.enabled=false"]), ("06_ensemble_submit.py", [])):
+        out = stage(script, paths, *extra)
+        assert out.returncode == 0, f"{script}: {out.stderr[-3000:]}"
+    tests = sorted(p.name for p in (paths.raw / "test").iterdir())
+    db = pd.read_csv(paths.clean_train_csv)["Image"].tolist() + pd.read_csv(paths.clean_test_csv)["Image"].tolist()
+    validate_image_submission(read_image_submission(paths.submission_csv), tests, db, k=20)
+
+
 def main(out: Path, data: Path) -> None:
     """What every rank runs: two one-epoch fits (image path, cached-trunk path), then an extraction."""
     import pandas as pd
