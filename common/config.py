@@ -332,7 +332,7 @@ def parse_stage_args(description: str | None, argv=None, extra=None):
     ``extra(parser)`` may add stage-specific flags. Exits with a one-line error when DATA is not
     writable, removes stale atomic-write temporaries there (common.io.prepare_data_dir), and
     prepares the offline environment (must happen before timm / huggingface_hub / ultralytics
-    are imported).
+    are imported). Under torchrun only rank 0 prints and cleans DATA.
     """
     from .io import DataDirError, prepare_data_dir
     from .paths import Paths
@@ -346,10 +346,13 @@ def parse_stage_args(description: str | None, argv=None, extra=None):
     except ConfigError as e:
         ap.exit(2, f"error: {e}\n")
     paths = Paths(args.raw, args.data)
-    try:  # before any work: DATA must take artifacts; leftovers of killed atomic writes go
-        prepare_data_dir(paths.data, paths.raw)
-    except DataDirError as e:
-        ap.exit(1, f"error: {e}\n")
+    if int(os.environ.get("RANK", "0")):  # a torchrun rank other than 0 (common/distributed.py): rank 0 prints
+        sys.stdout = open(os.devnull, "w")  # and prepares DATA; this one must not delete its fresh temporaries
+    else:
+        try:  # before any work: DATA must take artifacts; leftovers of killed atomic writes go
+            prepare_data_dir(paths.data, paths.raw)
+        except DataDirError as e:
+            ap.exit(1, f"error: {e}\n")
     prepare_environment(cfg, paths)
     members = [member_config(cfg, n)["model"] for n in member_names(cfg)]
     hub = sorted({m["backbone"] for m in members if str(m["pretrained"]) == "hub"})

@@ -153,6 +153,7 @@ def test_stage04_in_two_gloo_processes_then_05_06_write_a_valid_submission(tmp_p
         cmd += ["--set", o]
     res = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"stage 04 under torchrun failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert res.stdout.count(f"wrote {paths.members_summary}") == 1, "rank 0 alone prints"
     summary = pd.read_json(paths.members_summary, typ="series")["members"]
     for name, entry in summary.items():
         _, ckpt = load_checkpoint(entry["ckpt"])
