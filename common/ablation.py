@@ -104,17 +104,34 @@ def row_of(name: str, what: str, data: Path, raw: Path, wall: float | None, embe
     return row
 
 
-def summarise(rows: list[dict], metric: str = "val_map20") -> list[dict]:
-    """Mean ± spread (sample standard deviation) of ``metric`` per variant over its seed rows.
+def other_rankings(row: dict, data: Path, raw: Path, what: str | None = None) -> list[dict]:
+    """Rows of a run's other rankings (its stage 06 scores): each member alone, the meta-embedding
+    alone (global only) and local matching alone, named ``embedding:<ranking>``."""
+    scores = read_json(Paths(raw, data).scores_json)
+    out = []
+    for n in scores["scores"]:
+        if n != row["embedding"]:
+            label = what or ("local-feature score only" if n.endswith("+local") else "meta-embedding, no re-ranking"
+                             if n == scores["final"] else "one member alone")
+            out.append(row_of(f"embedding:{n}", label, data, raw, None, n))
+    return out
+
+
+def summarise(rows: list[dict], metrics=("val_map20",)) -> list[dict]:
+    """Per variant over its seed rows: ``n`` and, per metric, ``mean ± spread`` (sample standard deviation).
 
     >>> summarise([{"variant": "a", "val_map20": 0.5}, {"variant": "a", "val_map20": 0.7}, {"variant": "b", "val_map20": 0.1}])
-    [{'variant': 'a', 'n': 2, 'mean': 0.6, 'spread': 0.1414}, {'variant': 'b', 'n': 1, 'mean': 0.1, 'spread': None}]
+    [{'variant': 'a', 'n': 2, 'val_map20': '0.6000 ± 0.1414'}, {'variant': 'b', 'n': 1, 'val_map20': '0.1000'}]
     """
     out = []
     for name in dict.fromkeys(r["variant"] for r in rows):
-        vals = [r[metric] for r in rows if r["variant"] == name and r.get(metric) is not None]
-        out.append({"variant": name, "n": len(vals), "mean": round(statistics.mean(vals), 4) if vals else None,
-                    "spread": round(statistics.stdev(vals), 4) if len(vals) > 1 else None})
+        mine = [r for r in rows if r["variant"] == name]
+        row = {"variant": name, "n": len(mine)}
+        for m in metrics:
+            vals = [r[m] for r in mine if r.get(m) is not None]
+            row[m] = (None if not vals else f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}"
+                                                                              if len(vals) > 1 else ""))
+        out.append(row)
     return out
 
 
@@ -153,6 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="all", help="comma-separated names, or all (default); 'none' = baseline only")
     ap.add_argument("--seeds", type=int, default=1, help="repeat baseline and frozen with this many seeds")
     ap.add_argument("--list", action="store_true", help="print the variants and exit")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing: rebuild the tables from the runs already in DATA/bench/runs")
     args = ap.parse_args(argv)
     raw, bench = Path(args.raw), Paths(args.raw, args.data).bench_dir
     table = variants(load_config(args.config, args.set))
@@ -167,14 +186,10 @@ def main(argv=None) -> int:
         return 2
     runs, rows = bench / "runs", []
     base = runs / "baseline"
-    wall = run_make(raw, base, args.config, args.set)
+    make = (lambda *a: None) if args.table_only else run_make
+    wall = make(raw, base, args.config, args.set)
     rows.append(row_of("baseline", "the profile as configured", base, raw, wall))
-    base_scores = read_json(Paths(raw, base).scores_json)
-    for n in base_scores["scores"]:  # the baseline's other rankings: each member alone, and with re-ranking
-        if n != rows[0]["embedding"]:  # the meta-embedding alone (global only) and local matching alone
-            what = ("local-feature score only" if n.endswith("+local") else "meta-embedding, no re-ranking"
-                    if n == base_scores["final"] else "one member alone")
-            rows.append(row_of(f"embedding:{n}", what, base, raw, None, n))
+    rows += other_rankings(rows[0], base, raw)
     for name in chosen:
         v = table[name]
         missing = [k for k in v.requires() if not _known(k)]
@@ -182,18 +197,26 @@ def main(argv=None) -> int:
             print(f"skipping {name}: this version has no {', '.join(missing)}")
             continue
         dest = runs / name
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.copytree(base, dest, ignore=shutil.ignore_patterns("embeddings", "report", "tb"))
-        rows.append(row_of(name, v.what, dest, raw, run_make(raw, dest, args.config, args.set + v.sets)))
+        if not args.table_only:
+            shutil.rmtree(dest, ignore_errors=True)
+            shutil.copytree(base, dest, ignore=shutil.ignore_patterns("embeddings", "report", "tb"))
+        elif not Paths(raw, dest).scores_json.exists():
+            continue
+        rows.append(row_of(name, v.what, dest, raw, make(raw, dest, args.config, args.set + v.sets)))
     seeded = []
     for seed in range(1, args.seeds):
         for name, sets in (("baseline", []), ("frozen", table["frozen"].sets)):
             if name != "baseline" and (name not in chosen or not all(_known(k) for k in table[name].requires())):
                 continue
             dest = runs / f"{name}_seed{seed}"
-            shutil.rmtree(dest, ignore_errors=True)
-            w = run_make(raw, dest, args.config, args.set + sets + [f"seed={seed}", f"clean.seed={seed}"])
+            if not args.table_only:
+                shutil.rmtree(dest, ignore_errors=True)
+            elif not Paths(raw, dest).scores_json.exists():
+                continue
+            w = make(raw, dest, args.config, args.set + sets + [f"seed={seed}", f"clean.seed={seed}"])
             seeded.append(row_of(name, f"seed {seed}", dest, raw, w))
+            if name == "baseline":  # its embedding-only and local-only rankings: the main comparison over seeds
+                seeded += other_rankings(seeded[-1], dest, raw, f"seed {seed}")
     cols = ["variant", "what", "embedding", "val_map20", "val_top1", "val_hit20", "val_map5", "test_map20", "test_top1",
             "test_hit20", "test_map5_nw", "train_s", "images_per_s", "wall_s"]
     cols = [c for c in cols if any(r.get(c) is not None for r in rows)]
@@ -203,8 +226,12 @@ def main(argv=None) -> int:
     text = (f"`{' '.join(sys.argv if argv is None else ['python -m common.ablation', *argv])}` "
             f"({time.strftime('%Y-%m-%d %H:%M')}, RAW {raw})\n\n" + markdown(rows, cols))
     if seeded:
-        main_rows = [r for r in rows + seeded if r["variant"] in ("baseline", "frozen")]
-        text += "\nOver seeds (local validation MAP@20):\n\n" + markdown(summarise(main_rows), ["variant", "n", "mean", "spread"])
+        names = {r["variant"] for r in seeded}
+        metrics = [m for m in ("val_map20", "val_top1", "test_map20", "test_top1", "test_hit20")
+                   if any(r.get(m) is not None for r in seeded)]
+        text += ("\nOver seeds (seed 0 = the rows above; each seed also draws its own local validation split, "
+                 "clean.seed): mean ± sample standard deviation\n\n"
+                 + markdown(summarise([r for r in rows + seeded if r["variant"] in names], metrics), ["variant", "n", *metrics]))
     write_text(bench / "ablation.md", text)
     bar_chart(rows, bench / "ablation.png")
     print(text + f"\nwrote {bench / 'ablation.csv'}, {bench / 'ablation.md'}, {bench / 'ablation.png'}")

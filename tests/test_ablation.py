@@ -32,3 +32,9 @@ def test_harness_on_the_tiny_competition(tmp_path):
     assert df.loc[5, "train_s"] == df.loc[0, "train_s"], "tta.hflip reruns stage 06 only: same training"
     assert (data / "bench" / "ablation.png").stat().st_size > 1000
     assert "| variant | what |" in (data / "bench" / "ablation.md").read_text()
+    # --table-only rebuilds the same table from the finished runs without running anything
+    (data / "bench" / "ablation.csv").unlink()
+    assert ablation.main(["--raw", str(raw), "--data", str(data), "--config", "configs/tiny.yaml",
+                          "--variants", "no_flip_tta,no_rerank", "--table-only"]) == 0
+    again = pd.read_csv(data / "bench" / "ablation.csv")  # no_rerank never ran: left out
+    pd.testing.assert_frame_equal(again.drop(columns="wall_s", errors="ignore"), df.drop(columns="wall_s"))
