@@ -104,6 +104,11 @@ def row_of(name: str, what: str, data: Path, raw: Path, wall: float | None, embe
     return row
 
 
+def ran(scores_json: Path, baseline_json: Path) -> bool:
+    """A variant's stage 06 finished: its scores exist and are not the baseline's copy (same mtime)."""
+    return scores_json.exists() and scores_json.stat().st_mtime > baseline_json.stat().st_mtime
+
+
 def other_rankings(row: dict, data: Path, raw: Path, what: str | None = None) -> list[dict]:
     """Rows of a run's other rankings (its stage 06 scores): each member alone, the meta-embedding
     alone (global only) and local matching alone, named ``embedding:<ranking>``."""
@@ -200,7 +205,7 @@ def main(argv=None) -> int:
         if not args.table_only:
             shutil.rmtree(dest, ignore_errors=True)
             shutil.copytree(base, dest, ignore=shutil.ignore_patterns("embeddings", "report", "tb"))
-        elif not Paths(raw, dest).scores_json.exists():
+        elif not ran(Paths(raw, dest).scores_json, Paths(raw, base).scores_json):
             continue
         rows.append(row_of(name, v.what, dest, raw, make(raw, dest, args.config, args.set + v.sets)))
     seeded = []
