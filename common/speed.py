@@ -291,10 +291,13 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=128, help="photos for the extraction/training runs")
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the config's num_workers: auto)")
     ap.add_argument("--only", nargs="+", choices=BENCHES, default=list(BENCHES))
     args = ap.parse_args(argv)
+    from .config import data_workers
     from .paths import Paths
+
+    args.workers = data_workers("auto", "cpu") if args.workers is None else args.workers
 
     paths = Paths(args.data, args.data)
     rows = []
