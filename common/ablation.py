@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ROOT, default_config, load_config
+from .config import ROOT, default_config, load_config, member_names
 from .io import read_json, save_figure, write_csv, write_text
 from .paths import Paths
 
@@ -46,6 +46,10 @@ def variants(cfg: dict) -> dict[str, Variant]:
     size = cfg["model"]["img_size"]
     size = size if isinstance(size, int) else max(size)
     low, high = max(32, int(round(size * 0.75 / 32)) * 32), int(round(size * 1.25 / 32)) * 32
+
+    def sizes(px: int) -> list[str]:  # a member's own model.img_size wins over the global one: set both
+        return [f"model.img_size={px}"] + [f"members.{n}.model.img_size={px}" for n in member_names(cfg)
+                                           if "img_size" in ((cfg["members"][n] or {}).get("model") or {})]
     return {
         "frozen": Variant("frozen ImageNet backbone, no training", ["train.epochs=0", "pseudo.enabled=false"]),
         "softmax": Variant("plain (normalised) softmax classifier: no margin", ["train.loss=cosface", "train.cosface_m=0.0"]),
@@ -56,8 +60,8 @@ def variants(cfg: dict) -> dict[str, Variant]:
         "with_singletons": Variant("singleton identities in metric training", ["clean.min_train_images=1"]),
         "full_photos": Variant("full photos instead of crops", ["model.use_crops=false"]),
         "no_pretrain": Variant("ImageNet start instead of stage 03", ["model.from_pretrain_stage=false"]),
-        f"size_{low}": Variant(f"{low} px instead of {size}", [f"model.img_size={low}", "train.progressive=null"]),
-        f"size_{high}": Variant(f"{high} px instead of {size}", [f"model.img_size={high}", "train.progressive=null"]),
+        f"size_{low}": Variant(f"{low} px instead of {size}", [*sizes(low), "train.progressive=null"]),
+        f"size_{high}": Variant(f"{high} px instead of {size}", [*sizes(high), "train.progressive=null"]),
         "no_flip_tta": Variant("without flip TTA", ["tta.hflip=false"]),
         "no_pseudo": Variant("without pseudo-labels", ["pseudo.enabled=false"]),
         "no_rerank": Variant("global embedding only, no local-feature re-ranking", ["rerank.enabled=false"]),
@@ -65,8 +69,10 @@ def variants(cfg: dict) -> dict[str, Variant]:
 
 
 def _known(key: str) -> bool:
-    node = default_config()
-    for part in key.split("."):
+    node, parts = default_config(), key.split(".")
+    if parts[0] == "members" and len(parts) > 2:  # a member's override of a section key: known when the key is
+        parts = parts[2:]
+    for part in parts:
         if not isinstance(node, dict) or part not in node:
             return False
         node = node[part]

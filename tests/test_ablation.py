@@ -5,7 +5,7 @@ import shutil
 import pandas as pd
 
 from common import ablation
-from common.config import load_config
+from common.config import load_config, member_config
 
 
 def test_every_variant_sets_only_known_keys():
@@ -16,6 +16,10 @@ def test_every_variant_sets_only_known_keys():
         if name != "no_rerank":  # needs the re-ranking feature
             assert all(ablation._known(k) for k in v.requires()), name
     load_config("demo", table["frozen"].sets + table["size_96"].sets)  # valid overrides
+    cpu = load_config("cpu")  # its member sets img_size 224 itself: the size variants must reach it
+    small = ablation.variants(cpu)["size_160"]
+    assert all(ablation._known(k) for k in small.requires())
+    assert member_config(load_config("cpu", small.sets), "lite0_224")["model"]["img_size"] == 160
 
 
 def test_harness_on_the_tiny_competition(tmp_path):
