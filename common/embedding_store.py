@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from . import distributed
 from .handoff import HandoffError
 from .config import ConfigError
 from .io import atomic_path
@@ -118,7 +119,8 @@ def cached_embeddings(table: pd.DataFrame, cache_file, key: str, embed: Callable
     cached = [i for i, k in enumerate(keys) if k in row_of]
     if cached:
         emb16[cached] = vectors[[row_of[keys[i]] for i in cached]]
-    save_cache(cache_file, key, table, keys, emb16)
+    if distributed.is_main():  # under torchrun every rank has the same rows; two writers would delete each other's file
+        save_cache(cache_file, key, table, keys, emb16)
     return emb16, len(todo)
 
 
