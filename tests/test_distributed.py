@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -64,16 +65,40 @@ def test_lr_find_refuses_torchrun(monkeypatch, tmp_path):
         lr_finder.lr_find({}, None, tmp_path / "lr.png")
 
 
+def _torchrun(args: list, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc args`` from the project root, one thread per
+    process (as torchrun sets it), a Python and C++ stack on a crash. A run that a signal ended
+    (a rank aborted) is retried once with a warning carrying its log: CI once saw rank 1 of the
+    toy run die of SIGABRT with no message that this machine ever reproduced."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONFAULTHANDLER="1", TORCH_SHOW_CPP_STACKTRACES="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0 and "Signal " in res.stderr:
+        warnings.warn(f"torchrun {' '.join(map(str, args[:1]))}: a rank died of a signal; retrying once.\n{_failure(res)}")
+        res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return res
+
+
+def _failure(res: subprocess.CompletedProcess) -> str:
+    """What the ranks printed, the ranks' own errors last (CI shows the tail): torchrun's summary
+    of which rank failed comes first, then the stderr before it, where a crash prints its stack."""
+    cut = res.stderr.find("Traceback (most recent call last):\n  File \"<frozen runpy>\"")
+    ranks, summary = (res.stderr[:cut], res.stderr[cut:]) if cut > 0 else (res.stderr, "")
+    return f"stdout:\n{res.stdout[-2000:]}\ntorchrun:\n{summary[-1500:]}\nranks' stderr:\n{ranks[-4000:]}"
+
+
 def _launch(out: Path, data: Path, nproc: int) -> float:
     """Run :func:`main` in ``nproc`` processes (plain python for 1, torchrun for more); wall seconds."""
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    env["OMP_NUM_THREADS"] = "1"  # one thread per process, as torchrun sets it: 1 process = 1 core
-    cmd = [sys.executable, __file__, str(out), str(data)]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] + cmd[1:]
     t0 = time.time()
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, f"{nproc} process(es) failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    if nproc > 1:
+        res = _torchrun([__file__, str(out), str(data)], nproc)
+    else:
+        env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+        env["OMP_NUM_THREADS"] = "1"  # one thread per process, as torchrun sets it: 1 process = 1 core
+        res = subprocess.run([sys.executable, __file__, str(out), str(data)], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=600)
+    assert res.returncode == 0, f"{nproc} process(es) failed:\n{_failure(res)}"
     return time.time() - t0
 
 
@@ -146,13 +171,11 @@ def test_stage04_in_two_gloo_processes_then_05_06_write_a_valid_submission(tmp_p
     from test_stage05_06 import OVERRIDES, build_competition, stage
 
     paths = build_competition(tmp_path)
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "04_train_embed.py",
-           "--raw", str(paths.raw), "--data", str(paths.data), "--config", "tiny"]
+    args = ["04_train_embed.py", "--raw", str(paths.raw), "--data", str(paths.data), "--config", "tiny"]
     for o in OVERRIDES + ["train.baseline=false"]:
-        cmd += ["--set", o]
-    res = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, f"stage 04 under torchrun failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        args += ["--set", o]
+    res = _torchrun(args)
+    assert res.returncode == 0, f"stage 04 under torchrun failed:\n{_failure(res)}"
     assert res.stdout.count(f"wrote {paths.members_summary}") == 1, "rank 0 alone prints"
     summary = pd.read_json(paths.members_summary, typ="series")["members"]
     for name, entry in summary.items():
