@@ -64,6 +64,7 @@ def variants(cfg: dict) -> dict[str, Variant]:
         f"size_{high}": Variant(f"{high} px instead of {size}", [*sizes(high), "train.progressive=null"]),
         "no_flip_tta": Variant("without flip TTA", ["tta.hflip=false"]),
         "no_pseudo": Variant("without pseudo-labels", ["pseudo.enabled=false"]),
+        "with_pseudo": Variant("with pseudo-labels (stage 05 retrains on confident test photos)", ["pseudo.enabled=true"]),
         "no_rerank": Variant("global embedding only, no local-feature re-ranking", ["rerank.enabled=false"]),
     }
 
@@ -77,6 +78,20 @@ def _known(key: str) -> bool:
             return False
         node = node[part]
     return True
+
+
+def no_op(config: str, sets: list[str], extra: list[str]) -> str | None:
+    """Why the overrides ``extra`` change nothing in the config of ``config`` + ``sets`` (e.g.
+    ``pseudo.enabled=false`` where the profile already has it off), else None.
+
+    >>> no_op("cpu", [], ["pseudo.enabled=false"])
+    'the profile already has pseudo.enabled=false'
+    >>> no_op("cpu", [], ["pseudo.enabled=true"]) is None
+    True
+    """
+    if load_config(config, sets + extra) != load_config(config, sets):
+        return None
+    return "the profile already has " + " ".join(extra)
 
 
 def run_make(raw: Path, data: Path, config: str, sets: list[str]) -> float:
@@ -206,6 +221,11 @@ def main(argv=None) -> int:
         missing = [k for k in v.requires() if not _known(k)]
         if missing:
             print(f"skipping {name}: this version has no {', '.join(missing)}")
+            continue
+        same = no_op(args.config, args.set, v.sets)
+        if same:
+            other = {"no_pseudo": "with_pseudo", "with_pseudo": "no_pseudo"}.get(name)
+            print(f"skipping {name}: it would be the baseline again ({same})" + (f"; try {other}" if other else ""))
             continue
         dest = runs / name
         if not args.table_only:

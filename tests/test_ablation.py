@@ -22,13 +22,23 @@ def test_every_variant_sets_only_known_keys():
     assert member_config(load_config("cpu", small.sets), "lite0_224")["model"]["img_size"] == 160
 
 
-def test_harness_on_the_tiny_competition(tmp_path):
+def test_a_variant_that_changes_nothing_is_named_and_skipped():
+    assert ablation.no_op("cpu", [], ablation.variants(load_config("cpu"))["no_pseudo"].sets)  # cpu: pseudo is off
+    assert ablation.no_op("cpu", [], ablation.variants(load_config("cpu"))["with_pseudo"].sets) is None
+    assert ablation.no_op("demo", [], ["pseudo.enabled=true"]) and not ablation.no_op("demo", [], ["pseudo.enabled=false"])
+    assert ablation.no_op("cpu", ["pseudo.enabled=true"], ["pseudo.enabled=true"])
+
+
+def test_harness_on_the_tiny_competition(tmp_path, capsys):
     from common.demo_data import generate
 
     raw, data = tmp_path / "raw", tmp_path / "data"
     generate(raw, load_config("tiny")["demo"], progress=False)
     assert ablation.main(["--raw", str(raw), "--data", str(data), "--config", "configs/tiny.yaml",
-                          "--variants", "no_flip_tta"]) == 0
+                          "--variants", "no_flip_tta,with_pseudo"]) == 0
+    assert "skipping with_pseudo: it would be the baseline again (the profile already has pseudo.enabled=true); " \
+           "try no_pseudo" in capsys.readouterr().out
+    assert not (data / "bench" / "runs" / "with_pseudo").exists()
     df = pd.read_csv(data / "bench" / "ablation.csv")
     assert df["variant"].tolist() == ["baseline", "embedding:lite0_64", "embedding:lite0_64_do", "embedding:ensemble",
                                       "embedding:ensemble+local", "no_flip_tta"]
