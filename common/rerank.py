@@ -7,7 +7,8 @@ P(same individual) by isotonic regressions fitted on local-validation pairs take
 *whole* ranking: every shortlist pair plus ``rerank.calib_random`` random pairs per query from
 beyond the shortlist, weighted so the sample stands for all of them. (Fitted on shortlist pairs
 only, the cosine looks uninformative: every shortlist candidate is already similar.) The fused
-score is ``(1 - w) * P_embedding + w * P_local``; ``w`` is set or chosen on validation from
+score is ``(1 - w) * P_embedding + w * P_local`` (``rerank.fusion: mean``) or the same weighted mean of
+their log-odds (``logodds``, :func:`fuse_probabilities`); ``w`` is set or chosen on validation from
 0 (embedding only) .. 1 (local only). Each shortlist is re-ordered by the fused score, ties kept
 in embedding order, so ``w = 0`` gives exactly the embedding ranking.
 
@@ -53,6 +54,37 @@ def apply_isotonic(curve: dict, x) -> np.ndarray:
     return np.interp(np.asarray(x, np.float64), curve["x"], curve["y"])
 
 
+FUSIONS = ("mean", "logodds")
+EPS = 1e-4  # probabilities are clipped to [EPS, 1 - EPS] before log-odds
+
+
+def _logit(p) -> np.ndarray:
+    p = np.clip(np.asarray(p, np.float64), EPS, 1.0 - EPS)
+    return np.log(p / (1.0 - p))
+
+
+def fuse_probabilities(p_emb, p_local, weight: float, fusion: str = "mean") -> np.ndarray:
+    """The fused P(same individual) of two calibrated probabilities, ``weight`` = the local share.
+
+    ``mean``: ``(1 - w) p_emb + w p_local`` (WildFusion). ``logodds``: the weighted mean of the
+    log-odds, back to a probability (at w = 0.5 the geometric mean of the odds, naive Bayes'
+    product halved): a near-certain geometric match outweighs a middling cosine instead of being
+    capped at ``w``, and a certain non-match pulls a pair down as hard. Both are non-decreasing
+    in each probability, and w = 0 / 1 rank exactly as the embedding / local probability alone.
+
+    >>> fuse_probabilities([0.2, 0.6], [0.99, 0.1], 0.5).round(3).tolist()
+    [0.595, 0.35]
+    >>> fuse_probabilities([0.2, 0.6], [0.99, 0.1], 0.5, "logodds").round(3).tolist()
+    [0.833, 0.29]
+    """
+    w = float(weight)
+    if fusion == "mean":
+        return (1.0 - w) * np.asarray(p_emb, np.float64) + w * np.asarray(p_local, np.float64)
+    if fusion == "logodds":
+        return 1.0 / (1.0 + np.exp(-((1.0 - w) * _logit(p_emb) + w * _logit(p_local))))
+    raise ConfigError(f"rerank.fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
+
+
 @dataclass
 class Calibration:
     emb: dict                      # isotonic breakpoints of the cosine
@@ -60,6 +92,7 @@ class Calibration:
     weight: float = 0.5            # share of the local probability in the fused score
     new_whale_threshold: float = 0.5
     info: dict = field(default_factory=dict)
+    fusion: str = "mean"           # how the two probabilities combine (fuse_probabilities)
 
     def p_emb(self, cos) -> np.ndarray:
         return apply_isotonic(self.emb, cos)
@@ -69,15 +102,16 @@ class Calibration:
 
     def fuse(self, cos, inliers, weight: float | None = None) -> np.ndarray:
         w = self.weight if weight is None else float(weight)
-        return (1.0 - w) * self.p_emb(cos) + w * self.p_local(inliers)
+        return fuse_probabilities(self.p_emb(cos), self.p_local(inliers), w, self.fusion)
 
     def to_dict(self) -> dict:
-        return {"emb": self.emb, "local": self.local, "weight": self.weight,
+        return {"emb": self.emb, "local": self.local, "weight": self.weight, "fusion": self.fusion,
                 "new_whale_threshold": self.new_whale_threshold, "info": self.info}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Calibration":
-        return cls(d["emb"], d["local"], float(d["weight"]), float(d["new_whale_threshold"]), d.get("info", {}))
+    def from_dict(cls, d: dict) -> "Calibration":  # files from before rerank.fusion fused by the mean
+        return cls(d["emb"], d["local"], float(d["weight"]), float(d["new_whale_threshold"]), d.get("info", {}),
+                   d.get("fusion", "mean"))
 
 
 def fit_calibration(cos, inliers, same, weight=None, local_rows=None) -> Calibration:
@@ -271,6 +305,7 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     # like the cosine, on the whole ranking (ranking), where the many random pairs make a few inliers mean nothing
     local_rows = np.arange(int(valid.sum())) if local_fit == "shortlist" else None
     cal = fit_calibration(x_cos, x_inl, y, w, local_rows)
+    cal.fusion = _choice("fusion", rcfg["fusion"], FUSIONS)
     gr = None if groups is None else (groups[q], groups[tr])
     n_rel = relevant_counts(ids[q], ids[tr], True, gr)
     truth = [t if c > 0 else NEW_WHALE for t, c in zip(ids[q], n_rel)]

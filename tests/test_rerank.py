@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from common.paths import Paths
-from common.rerank import Calibration, apply_isotonic, fit_calibration, fit_isotonic, reorder, shortlist
+from common.config import ConfigError
+from common.rerank import Calibration, apply_isotonic, fit_calibration, fit_isotonic, fuse_probabilities, reorder, shortlist
 from common.retrieval import relevant_counts, search
 from common.tables import encounters
 
@@ -27,11 +28,13 @@ def _lists(rng, nq=30, s=15):
     return cos, idx, inl
 
 
-def test_fusion_weight_zero_gives_the_embedding_ranking_one_the_local_ranking():
+@pytest.mark.parametrize("fusion", ["mean", "logodds"])
+def test_fusion_weight_zero_gives_the_embedding_ranking_one_the_local_ranking(fusion):
     rng = np.random.default_rng(1)
     cos, idx, inl = _lists(rng)
     same = rng.random(cos.size) < 0.3
     cal = fit_calibration(cos.ravel(), inl.ravel(), same)
+    cal.fusion = fusion
     _, order0 = reorder(cal.fuse(cos, inl, 0.0), idx)
     np.testing.assert_array_equal(order0, idx)
     cal.local = {"x": [0.0, 40.0], "y": [0.0, 1.0]}  # strictly increasing in inliers
@@ -46,6 +49,21 @@ def test_fused_score_is_the_weighted_mean_and_round_trips():
     assert Calibration.from_dict(cal.to_dict()).to_dict() == cal.to_dict()
     s, i = reorder([[0.2, 0.9, 0.5]], [[7, 8, -1]])
     assert i.tolist() == [[8, 7, -1]]
+    old = {k: v for k, v in cal.to_dict().items() if k != "fusion"}  # a calibration.json from before rerank.fusion
+    assert Calibration.from_dict(old).fusion == "mean"
+
+
+def test_logodds_fusion_is_a_monotone_probability_that_a_sure_match_dominates():
+    pe, pl = np.meshgrid(np.linspace(0, 1, 21), np.linspace(0, 1, 21), indexing="ij")
+    for w in (0.2, 0.5, 0.8):
+        f = fuse_probabilities(pe, pl, w, "logodds")
+        assert ((f >= 0) & (f <= 1)).all()
+        assert (np.diff(f, axis=0) >= -1e-12).all() and (np.diff(f, axis=1) >= -1e-12).all(), "non-decreasing in each"
+    np.testing.assert_allclose(fuse_probabilities([0.3], [0.3], 0.7, "logodds"), [0.3])  # agreement stays put
+    # a certain geometric match (p_local 0.999) against a weak cosine: the mean caps it at w, log-odds does not
+    assert fuse_probabilities([0.1], [0.999], 0.5, "logodds")[0] > 0.9 > fuse_probabilities([0.1], [0.999], 0.5)[0]
+    with pytest.raises(ConfigError, match="rerank.fusion must be one of mean, logodds"):
+        fuse_probabilities([0.5], [0.5], 0.5, "product")
 
 
 def test_grouped_search_never_returns_the_query_encounter():
@@ -132,7 +150,7 @@ def test_fusion_validates_on_every_photo_of_the_held_out_identities():
     table = pd.DataFrame({"split": "train", "Image": [f"{i}.jpg" for i in range(len(ids))], "Id": ids,
                           "path": "", "is_query": query, "held_out": held.astype(int)})
     rcfg = {"shortlist": 10, "calib_random": 5, "seed": 0, "fusion_weight": "auto", "select_metric": "map20",
-            "local_calibration": "ranking"}
+            "local_calibration": "ranking", "fusion": "mean"}
     reports = {}
     for which in ("queries", "held_out"):
         cal, val, rep = validate(emb, table, _IdentityScorer(ids), {**rcfg, "val_queries": which}, k=5, log=lambda *a: None)
