@@ -18,7 +18,10 @@ runs exactly as it always did.
 from __future__ import annotations
 
 import atexit
+import gc
 import os
+import sys
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -59,8 +62,24 @@ def init(device) -> None:
 
 
 def destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group while the interpreter is still whole (registered at exit by :func:`init`).
+
+    On a normal exit every rank first waits for the others (at most 2 minutes), so no rank closes
+    its connections under a peer still in a collective; then unreachable DDP wrappers (which hold
+    the group) are collected and the group destroyed, so gloo's worker threads release the tensors
+    of the last collective now. Left to interpreter shutdown, a worker thread releasing them needs
+    the GIL of a dying interpreter: SIGABRT (seen once in CI, rank 1 of a two-process run).
+    After an uncaught exception (``sys.last_value``) there is no waiting: torchrun stops the others."""
+    if not dist.is_initialized():
+        return
+    if getattr(sys, "last_value", None) is None:
+        try:
+            dist.barrier(async_op=True).wait(timeout=timedelta(minutes=2))
+        except Exception as e:  # a peer that died or never came: leave anyway
+            print(f"rank {rank()}: the other ranks did not reach the end ({type(e).__name__}); leaving the group",
+                  file=sys.stderr)
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def _active() -> bool:

@@ -223,6 +223,8 @@ def main(out: Path, data: Path) -> None:
     emb = embed_images(model, list(df["path"][:N_EMBED]), 48, batch_size=8, tta_hflip=True, progress=False)
     if distributed.is_main():
         np.save(out / "emb.npy", emb)
+    training.setup_run = setup_run
+    runs.clear()  # the DDP models hold the process group: free them before distributed.destroy at exit
 
 
 if __name__ == "__main__":
