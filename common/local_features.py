@@ -7,10 +7,15 @@ keypoints on a 70 px crop), at most ``max_keypoints`` of them (strongest first).
 that the Euclidean distance compares descriptors like the Hellinger kernel.
 
 Matching one pair: 2-NN of each query descriptor among the candidate's (``cv2.BFMatcher``), Lowe's
-ratio test, one match per candidate keypoint, then a homography fitted with RANSAC or MAGSAC++
-(``cv2.USAC_MAGSAC``); the score is its inlier count. A homography that reverses orientation
-(negative determinant: the candidate would have to be mirrored) scores 0: flukes are not mirror
-symmetric, so a mirrored match is never evidence of the same animal.
+ratio test, one match per candidate keypoint, then a geometric model fitted with RANSAC or MAGSAC++
+(``cv2.USAC_MAGSAC``); the score is its inlier count. The model (``geometry``) is a homography
+(a flat pattern seen from two viewpoints: a fluke's trailing edge and marks), a 6-dof affine map
+(fewer degrees of freedom: steadier with few matches, a weak-perspective view of a 3-D body) or
+the fundamental matrix (any rigid 3-D scene: points map to epipolar lines only, so random
+matches fit it more easily). A homography or affine map that reverses orientation (negative
+determinant: the candidate would have to be mirrored) scores 0: flukes are not mirror symmetric,
+so a mirrored match is never evidence of the same animal; for the fundamental matrix, which
+has no orientation, the least-squares affine map of its inliers decides.
 
 Features are cached per image under ``cache_dir/<split>/<Image>.npz`` with the image's path,
 mtime and size and the extraction settings; a cached file is reused while all of them match.
@@ -32,6 +37,7 @@ import numpy as np
 from .io import atomic_path, read_image
 
 METHODS = ("magsac", "ransac")
+GEOMETRIES = ("homography", "affine", "fundamental")
 
 
 @dataclass
@@ -170,33 +176,48 @@ def ratio_matches(a: Features, b: Features, ratio: float = 0.8) -> np.ndarray:
 
 
 def match_pair(a: Features, b: Features, ratio: float = 0.8, threshold: float = 5.0, method: str = "magsac",
-               min_matches: int = 6, return_matches: bool = False):
-    """Inlier count of the homography mapping ``a`` onto ``b`` (0 when fewer than ``min_matches``
-    ratio-test matches, no model, or an orientation-reversing, i.e. mirrored, model). With
-    ``return_matches`` also the ``(m, 2)`` inlier index pairs."""
+               min_matches: int = 6, return_matches: bool = False, geometry: str = "homography"):
+    """Inlier count of the ``geometry`` model mapping ``a`` onto ``b`` (0 when fewer than
+    ``min_matches`` ratio-test matches, no model, or an orientation-reversing, i.e. mirrored,
+    homography or affine map). With ``return_matches`` also the ``(m, 2)`` inlier index pairs."""
     import cv2
 
     pairs = ratio_matches(a, b, ratio)
     none = (0, np.zeros((0, 2), np.int64)) if return_matches else 0
-    if len(pairs) < max(4, int(min_matches)):
+    if len(pairs) < max(8 if geometry == "fundamental" else 4, int(min_matches)):
         return none
     src, dst = a.xy[pairs[:, 0]], b.xy[pairs[:, 1]]
-    H, mask = cv2.findHomography(src, dst, _usac(method), float(threshold), maxIters=2000, confidence=0.995)
-    if H is None or mask is None or np.linalg.det(H[:2, :2]) <= 0:
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"rerank.geometry must be one of {GEOMETRIES}, not {geometry!r}")
+    try:
+        if geometry == "homography":
+            M, mask = cv2.findHomography(src, dst, _usac(method), float(threshold), maxIters=2000, confidence=0.995)
+        elif geometry == "affine":
+            M, mask = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=float(threshold),
+                                           maxIters=2000, confidence=0.995)
+        else:
+            M, mask = cv2.findFundamentalMat(src, dst, _usac(method), float(threshold), 0.995, 2000)
+    except cv2.error:  # a degenerate sample (e.g. collinear points) that OpenCV's USAC asserts on: no model
+        return none
+    if M is None or mask is None:
         return none
     keep = mask.ravel().astype(bool)
+    if geometry == "fundamental" and keep.sum() >= 3:  # the inliers' least-squares affine map says the orientation
+        M = np.linalg.lstsq(np.c_[src[keep], np.ones(int(keep.sum()))], dst[keep], rcond=None)[0].T
+    if np.linalg.det(M[:2, :2]) <= 0:
+        return none
     n = int(keep.sum())
     return (n, pairs[keep]) if return_matches else n
 
 
 def match_many(feats: Sequence[Features], pairs: Sequence[tuple[int, int]], ratio: float = 0.8,
                threshold: float = 5.0, method: str = "magsac", min_matches: int = 6, threads: int = 2,
-               progress: bool = True, desc: str = "local matching") -> np.ndarray:
+               progress: bool = True, desc: str = "local matching", geometry: str = "homography") -> np.ndarray:
     """Inlier counts of ``pairs`` (query feature index, candidate feature index), threaded."""
     from tqdm import tqdm
 
     def one(p):
-        return match_pair(feats[p[0]], feats[p[1]], ratio, threshold, method, min_matches)
+        return match_pair(feats[p[0]], feats[p[1]], ratio, threshold, method, min_matches, geometry=geometry)
 
     with ThreadPoolExecutor(max(1, int(threads))) as pool:
         it = pool.map(one, pairs, chunksize=64)

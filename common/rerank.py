@@ -26,13 +26,14 @@ import numpy as np
 import pandas as pd
 
 from .config import ConfigError
-from .local_features import PairCache, compute_features, match_many, match_pair
+from .local_features import GEOMETRIES, METHODS, PairCache, compute_features, match_many, match_pair
 from .evaluation import seen_unseen
 from .metrics import NEW_WHALE, image_scores, kaggle_map5, relevance, subset_scores
 from .retrieval import l2_normalize, rank_identities, relevant_counts, search
 from .submission import id_truth, insert_new_whale, pad_ids, tune_new_whale_threshold
 
 ID_N = 5
+MATCH_KEYS = ("ratio", "ransac_threshold", "method", "min_matches", "geometry")  # what a pair's inlier count depends on
 GRID = tuple(round(float(w), 2) for w in np.linspace(0.0, 1.0, 11))
 
 
@@ -153,11 +154,14 @@ class LocalScorer:
     for later stages and reruns)."""
 
     def __init__(self, table: pd.DataFrame, rcfg: dict, cache_dir, progress: bool = True):
+        _choice("geometry", rcfg["geometry"], GEOMETRIES)
+        _choice("method", rcfg["method"], METHODS)
         self.table, self.r, self.cache_dir, self.progress = table, rcfg, cache_dir, progress
         self.feats: dict = {}
         self.pairs: dict = {}
+        # the homography's pairs keep the key they had before rerank.geometry existed (caches stay valid)
         self.pair_cache = PairCache(Path(cache_dir) / "pairs.npz",
-                                    {k: rcfg[k] for k in ("ratio", "ransac_threshold", "method", "min_matches")})
+                                    {k: rcfg[k] for k in MATCH_KEYS if k != "geometry" or rcfg[k] != "homography"})
         self.seconds = {"features": 0.0, "matching": 0.0}
         self.counts = {"cached": 0, "computed": 0, "pairs": 0, "pairs_cached": 0}
 
@@ -192,7 +196,7 @@ class LocalScorer:
         self.pairs.update((p, n) for p, n in zip(todo, known) if n is not None)
         todo = [p for p, n in zip(todo, known) if n is None]
         got = match_many(flist, [(where[a], where[b]) for a, b in todo], r["ratio"], r["ransac_threshold"],
-                         r["method"], r["min_matches"], r["threads"], self.progress, desc)
+                         r["method"], r["min_matches"], r["threads"], self.progress, desc, r["geometry"])
         self.pairs.update(zip(todo, got.tolist()))
         self.pair_cache.put([(self.feats[a], self.feats[b]) for a, b in todo], got.tolist())
         self.pair_cache.save()
@@ -205,7 +209,7 @@ class LocalScorer:
     def matches(self, a, b):
         r = self.r
         return match_pair(self.feats[a], self.feats[b], r["ratio"], r["ransac_threshold"], r["method"],
-                          r["min_matches"], return_matches=True)
+                          r["min_matches"], return_matches=True, geometry=r["geometry"])
 
 
 # ---- evaluation of re-ranked lists -------------------------------------------------------------------
@@ -421,7 +425,7 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
                          "total": round(time.perf_counter() - t0, 1)}
     report["features"] = {k_: v for k_, v in scorer.counts.items()}
     cal.info = {"embedding": embedding,
-                **{k_: r[k_] for k_ in ("size", "max_keypoints", "ratio", "ransac_threshold", "method", "min_matches")},
+                **{k_: r[k_] for k_ in ("size", "max_keypoints", *MATCH_KEYS)},
                 "shortlist": depth}
     write_json(paths.rerank_calibration, cal.to_dict())
     reliability_plot(report.pop("pairs"), cal, paths.reliability_png)

@@ -3,6 +3,7 @@ import os
 
 import cv2
 import numpy as np
+import pytest
 
 from common.local_features import compute_features, extract, match_pair, resize_longest
 
@@ -40,6 +41,29 @@ def test_matcher_many_inliers_for_a_transformed_copy_few_for_unrelated_or_mirror
     assert other <= 8, other
     assert mirrored <= 8, mirrored
     assert match_pair(a, extract(transformed(scene(1)), 320, 500), method="ransac") >= 40
+
+
+@pytest.mark.parametrize("geometry", ["affine", "fundamental"])
+def test_every_geometry_counts_many_inliers_for_a_transformed_copy_few_for_unrelated(geometry):
+    a = extract(scene(1), size=320, max_keypoints=500)
+    same = match_pair(a, extract(transformed(scene(1)), 320, 500), geometry=geometry)
+    other = max(match_pair(a, extract(scene(s), 320, 500), geometry=geometry) for s in (2, 3))
+    mirrored = match_pair(a, extract(scene(1)[:, ::-1].copy(), 320, 500), geometry=geometry)
+    assert same >= 40 and other <= 8 and mirrored <= 8, (same, other, mirrored)
+    n, pairs = match_pair(a, extract(transformed(scene(1)), 320, 500), geometry=geometry, return_matches=True)
+    assert n == len(pairs) == same
+
+
+def test_an_unknown_geometry_or_method_is_a_config_error_before_any_matching(tmp_path):
+    import pandas as pd
+
+    from common.config import ConfigError, load_config
+    from common.rerank import LocalScorer
+
+    r = load_config(None)["rerank"]
+    for key in ("geometry", "method"):
+        with pytest.raises(ConfigError, match=f"rerank.{key} must be one of"):
+            LocalScorer(pd.DataFrame(columns=["split", "Image", "path"]), {**r, key: "perspective"}, tmp_path)
 
 
 def test_small_images_are_upscaled_and_rootsift_is_unit_norm():
