@@ -1,7 +1,7 @@
 """Re-ranking embedding shortlists with local-feature matching, WildFusion-style.
 
 For every query, the top ``rerank.shortlist`` database images of the (meta-)embedding are
-matched with SIFT/RootSIFT + homography verification (:mod:`common.local_features`); the score
+matched with SIFT/RootSIFT + geometric verification (:mod:`common.local_features`); the score
 of a pair is its inlier count. Both the cosine similarity and the inlier count are mapped to
 P(same individual) by isotonic regressions fitted on local-validation pairs taken from the
 *whole* ranking: every shortlist pair plus ``rerank.calib_random`` random pairs per query from
