@@ -159,9 +159,7 @@ class LocalScorer:
         self.table, self.r, self.cache_dir, self.progress = table, rcfg, cache_dir, progress
         self.feats: dict = {}
         self.pairs: dict = {}
-        # the homography's pairs keep the key they had before rerank.geometry existed (caches stay valid)
-        self.pair_cache = PairCache(Path(cache_dir) / "pairs.npz",
-                                    {k: rcfg[k] for k in MATCH_KEYS if k != "geometry" or rcfg[k] != "homography"})
+        self.pair_cache = PairCache(Path(cache_dir) / "pairs.npz", {k: rcfg[k] for k in MATCH_KEYS})
         self.seconds = {"features": 0.0, "matching": 0.0}
         self.counts = {"cached": 0, "computed": 0, "pairs": 0, "pairs_cached": 0}
 
