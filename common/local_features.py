@@ -9,10 +9,11 @@ that the Euclidean distance compares descriptors like the Hellinger kernel.
 Matching one pair: 2-NN of each query descriptor among the candidate's (``cv2.BFMatcher``), Lowe's
 ratio test, one match per candidate keypoint, then a geometric model fitted with RANSAC or MAGSAC++
 (``cv2.USAC_MAGSAC``); the score is its inlier count. The model (``geometry``) is a 6-dof affine
-map (the default: a distant animal seen from two viewpoints; with 2 fewer degrees of freedom than
-a homography, chance matches line up less often, and the score separates better on the demo and
-real sets, README), a homography (a flat pattern in full perspective) or the fundamental matrix (any rigid 3-D scene: points map to epipolar lines only, so random
-matches fit it more easily). A homography or affine map that reverses orientation (negative
+map (the default: a distant animal seen from two viewpoints; with 2 fewer degrees of freedom
+than a homography, chance matches line up less often, and the score separates better on the
+demo and real sets, README), a homography (a flat pattern in full perspective) or the
+fundamental matrix (any rigid 3-D scene: points map to epipolar lines only, so random matches
+fit it more easily). A homography or affine map that reverses orientation (negative
 determinant: the candidate would have to be mirrored) scores 0: flukes are not mirror symmetric,
 so a mirrored match is never evidence of the same animal; for the fundamental matrix, which
 has no orientation, the least-squares affine map of its inliers decides.
@@ -182,13 +183,13 @@ def match_pair(a: Features, b: Features, ratio: float = 0.8, threshold: float = 
     homography or affine map). With ``return_matches`` also the ``(m, 2)`` inlier index pairs."""
     import cv2
 
+    if geometry not in GEOMETRIES:
+        raise ValueError(f"rerank.geometry must be one of {GEOMETRIES}, not {geometry!r}")
     pairs = ratio_matches(a, b, ratio)
     none = (0, np.zeros((0, 2), np.int64)) if return_matches else 0
     if len(pairs) < max(8 if geometry == "fundamental" else 4, int(min_matches)):
         return none
     src, dst = a.xy[pairs[:, 0]], b.xy[pairs[:, 1]]
-    if geometry not in GEOMETRIES:
-        raise ValueError(f"rerank.geometry must be one of {GEOMETRIES}, not {geometry!r}")
     try:
         if geometry == "homography":
             M, mask = cv2.findHomography(src, dst, _usac(method), float(threshold), maxIters=2000, confidence=0.995)

@@ -34,16 +34,17 @@ def transformed(img):
 
 def test_matcher_many_inliers_for_a_transformed_copy_few_for_unrelated_or_mirrored():
     a = extract(scene(1), size=320, max_keypoints=500)
-    same = match_pair(a, extract(transformed(scene(1)), 320, 500), ratio=0.8, threshold=5.0, method="magsac")
-    other = max(match_pair(a, extract(scene(s), 320, 500)) for s in (2, 3))
-    mirrored = match_pair(a, extract(scene(1)[:, ::-1].copy(), 320, 500))
+    h = dict(geometry="homography")  # the one model both methods (magsac, ransac) apply to
+    same = match_pair(a, extract(transformed(scene(1)), 320, 500), ratio=0.8, threshold=5.0, method="magsac", **h)
+    other = max(match_pair(a, extract(scene(s), 320, 500), **h) for s in (2, 3))
+    mirrored = match_pair(a, extract(scene(1)[:, ::-1].copy(), 320, 500), **h)
     assert same >= 40, same
     assert other <= 8, other
     assert mirrored <= 8, mirrored
-    assert match_pair(a, extract(transformed(scene(1)), 320, 500), method="ransac") >= 40
+    assert match_pair(a, extract(transformed(scene(1)), 320, 500), method="ransac", **h) >= 40
 
 
-@pytest.mark.parametrize("geometry", ["affine", "fundamental"])
+@pytest.mark.parametrize("geometry", ["affine", "homography", "fundamental"])
 def test_every_geometry_counts_many_inliers_for_a_transformed_copy_few_for_unrelated(geometry):
     a = extract(scene(1), size=320, max_keypoints=500)
     same = match_pair(a, extract(transformed(scene(1)), 320, 500), geometry=geometry)
