@@ -132,6 +132,41 @@ def image_scores(hits, n_relevant, k: int = 20) -> dict:
     return {"map20": map_at_k(h, n_relevant, k), "top1": top1(h), "hit20": hit_at_k(h, k), "n_queries": int(len(h))}
 
 
+def query_scores(hits, n_relevant, k: int = 20) -> dict:
+    """Per-query figures behind :func:`image_scores`: AP@k (NaN where nothing is relevant, the
+    queries MAP@k skips), first result relevant and any relevant in the first k (0/1).
+
+    >>> {m: v.tolist() for m, v in query_scores([[1, 0, 1], [0, 1, 0], [0, 0, 0]], [2, 1, 0], k=3).items()}
+    {'map20': [0.8333333333333333, 0.5, nan], 'top1': [1.0, 0.0, 0.0], 'hit20': [1.0, 1.0, 0.0]}
+    """
+    h, n = np.asarray(hits, dtype=bool), np.asarray(n_relevant)
+    ap = np.array([average_precision_at_k(r, c, k) if c > 0 else np.nan for r, c in zip(h, n)], np.float64)
+    return {"map20": ap, "top1": h[:, 0].astype(np.float64) if h.size else np.zeros(len(h)),
+            "hit20": h[:, :k].any(axis=1).astype(np.float64) if h.size else np.zeros(len(h))}
+
+
+def paired_bootstrap(a, b, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean of the per-query difference ``a - b`` (queries where both are finite) and its
+    percentile bootstrap interval over queries: ``{"diff", "lo", "hi", "n"}``. An interval that
+    holds 0 says the two lists are not told apart on these queries.
+
+    >>> r = paired_bootstrap([1, 1, 1, 1, 0, 1, 1, 1], [0, 0, 1, 0, 0, 0, 0, 0])
+    >>> r["diff"], r["lo"] > 0, r["n"]
+    (0.75, True, 8)
+    >>> r = paired_bootstrap([1, 0, 1, 0], [0, 1, 0, 1])
+    >>> r["lo"] < 0 < r["hi"]
+    True
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    if not len(d):
+        return {"diff": 0.0, "lo": 0.0, "hi": 0.0, "n": 0}
+    means = np.random.default_rng(seed).choice(d, size=(int(n_boot), len(d)), replace=True).mean(axis=1)
+    tail = (1.0 - float(level)) / 2.0 * 100.0
+    lo, hi = np.percentile(means, [tail, 100.0 - tail])
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(len(d))}
+
+
 def subset_scores(hits, n_relevant, subsets: dict, k: int = 20) -> dict:
     """:func:`image_scores` of each row subset ``{name: mask}``, keys ``<metric>_<name>`` (and
     ``n_queries_<name>``); empty subsets are left out.

@@ -28,7 +28,7 @@ import pandas as pd
 from .config import ConfigError
 from .local_features import GEOMETRIES, METHODS, PairCache, compute_features, match_many, match_pair
 from .evaluation import seen_unseen
-from .metrics import NEW_WHALE, image_scores, kaggle_map5, relevance, subset_scores
+from .metrics import NEW_WHALE, image_scores, kaggle_map5, paired_bootstrap, query_scores, relevance, subset_scores
 from .retrieval import l2_normalize, rank_identities, relevant_counts, search
 from .submission import id_truth, insert_new_whale, pad_ids, tune_new_whale_threshold
 
@@ -318,10 +318,11 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     fw = rcfg["fusion_weight"]
     best = max(GRID, key=lambda g: (round(grid[g][rcfg["select_metric"]], 12), grid[g]["top1"], -abs(g - 0.5)))
     cal.weight = best if fw == "auto" else float(fw)
-    out = {}
+    out, per_query = {}, {}
     for name, wt in variants(cal.weight).items():
         f, i = reorder(cal.fuse(cos, inl, wt), idx)
         out[name] = list_scores(f, i, ids[q], ids, n_rel, k)
+        per_query[name] = query_scores(relevance(ids[q], ids, i[:, :k]), n_rel, k)
         out[name]["map5_nw"], out[name]["new_whale_threshold"] = _nw_scores(f, i, ids, truth)
     cal.new_whale_threshold = out["fused"]["new_whale_threshold"]
     pos = y.astype(bool)
@@ -334,7 +335,7 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     log(f"fusion weight {cal.weight:.2f} ({'chosen on validation' if fw == 'auto' else 'set'}) on {len(q)} queries "
         f"({n_held_out} of them photos of held-out identities); calibrated on {valid.sum()} shortlist + "
         f"{len(rq)} random validation pairs ({pos.sum()} same individual)")
-    return cal, out, {**report, "sample": _sample_pairs(q, idx, inl, cal)}
+    return cal, out, {**report, "sample": _sample_pairs(q, idx, inl, cal), "per_query": per_query}
 
 
 def _sample_pairs(q, idx, inl, cal, n: int = 6):
@@ -349,7 +350,7 @@ def _sample_pairs(q, idx, inl, cal, n: int = 6):
     return out
 
 
-def test_lists(emb, table: pd.DataFrame, scorer: LocalScorer, cal: Calibration, k: int, depth: int,
+def reranked_test_lists(emb, table: pd.DataFrame, scorer: LocalScorer, cal: Calibration, k: int, depth: int,
                weight: float | None = None, search_kw: dict | None = None):
     """Re-ranked test lists: image mode (database train + test, self excluded) and ID mode
     (database train). Returns ``(img_fused, img_idx, id_fused, id_idx)``, candidates as table rows."""
@@ -371,11 +372,10 @@ def id_predictions(fused, idx, table, threshold: float, fallback, n: int = ID_N)
     return [pad_ids(insert_new_whale(p, s, threshold, n), fallback, n) for p, s in zip(pred, sims)]
 
 
-def score_test(img_fused, img_idx, id_preds, table, truth: pd.DataFrame, k: int, groups=None) -> dict:
-    """How the re-ranked submissions score against the withheld truth; same-encounter candidates
-    (test-side mapping) dropped from the image-mode lists first."""
+def truth_relevance(img_idx, table, truth: pd.DataFrame, k: int, groups=None):
+    """Hits of the image-mode test lists against the withheld truth, same-encounter candidates
+    (test-side mapping) dropped first: ``(hits, n_relevant, test_ids, all_ids)``."""
     te = np.flatnonzero((table["split"] == "test").to_numpy())
-    tr = np.flatnonzero((table["split"] == "train").to_numpy())
     t = dict(zip(truth["Image"], truth["Id"]))
     all_ids = table["Id"].to_numpy(object).copy()
     test_ids = np.array([t.get(n, NEW_WHALE) for n in table["Image"].to_numpy(object)[te]], dtype=object)
@@ -386,8 +386,13 @@ def score_test(img_fused, img_idx, id_preds, table, truth: pd.DataFrame, k: int,
         keep = (groups[te][:, None] == "") | (groups[np.clip(idx, 0, None)] != groups[te][:, None])
         idx = np.array([np.concatenate([r[m], np.full((~m).sum(), -1)]) for r, m in zip(idx, keep)], np.int64)
         gr = (groups[te], groups)
-    hits = relevance(test_ids, all_ids, idx[:, :k])
-    n_rel = relevant_counts(test_ids, all_ids, True, gr)
+    return relevance(test_ids, all_ids, idx[:, :k]), relevant_counts(test_ids, all_ids, True, gr), test_ids, all_ids
+
+
+def score_test(img_fused, img_idx, id_preds, table, truth: pd.DataFrame, k: int, groups=None) -> dict:
+    """How the re-ranked submissions score against the withheld truth (:func:`truth_relevance`)."""
+    hits, n_rel, test_ids, all_ids = truth_relevance(img_idx, table, truth, k, groups)
+    tr = np.flatnonzero((table["split"] == "train").to_numpy())
     out = image_scores(hits, n_rel, k)
     out.update(subset_scores(hits, n_rel, seen_unseen(test_ids, all_ids[tr]), k))
     out["map5_nw"] = kaggle_map5(id_preds, id_truth(test_ids, set(all_ids[tr])))
@@ -410,13 +415,16 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
     thr = {}
     scores = {}
     lists = None
+    per_query = {"val": report.pop("per_query"), "test": {}}
     for name, wt in variants(cal.weight).items():
-        f1, i1, f2, i2 = test_lists(emb, table, scorer, cal, k, depth, wt, search_kw)
+        f1, i1, f2, i2 = reranked_test_lists(emb, table, scorer, cal, k, depth, wt, search_kw)
         thr[name] = val[name]["new_whale_threshold"]
         preds = id_predictions(f2, i2, table, thr[name], fallback_ids, cfg["search"]["id_k"])
         scores[name] = {"val": val[name]}
         if truth is not None:
             scores[name]["test"] = score_test(f1, i1, preds, table, truth, k, groups)
+            hits, n_rel, _, _ = truth_relevance(i1, table, truth, k, groups)
+            per_query["test"][name] = query_scores(hits, n_rel, k)
         if name == "fused":
             lists = {"image_idx": i1[:, :k], "id_preds": preds, "threshold": thr[name]}
     report["seconds"] = {**{k_: round(v, 1) for k_, v in scorer.seconds.items()},
@@ -428,6 +436,7 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
     write_json(paths.rerank_calibration, cal.to_dict())
     reliability_plot(report.pop("pairs"), cal, paths.reliability_png)
     matches_plot(scorer, table, report.pop("sample"), paths.matches_png)
+    report["differences"] = {where: differences(pq) for where, pq in per_query.items() if pq}
     write_json(paths.rerank_report, {**report, "scores": scores})
     log(f"local features: {scorer.counts['computed']} computed, {scorer.counts['cached']} from the cache "
         f"({report['seconds']['features']} s); {scorer.counts['pairs']} pairs matched ({report['seconds']['matching']} s), "
@@ -436,7 +445,37 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
     note = (f"val.* of the +local/+fused rows: {report['n_queries']} queries ({report['n_held_out_queries']} of them "
             f"photos of identities held out of training, rerank.val_queries: {r['val_queries']}); the embedding "
             f"alone on those: map20 {e['map20']:.4f}, top1 {e['top1']:.4f}, hit20 {e['hit20']:.4f}")
-    return {"calibration": cal, "scores": scores, "note": note, "seconds": report["seconds"], **lists}
+    note += "".join(f"\n{format_differences(d, where)}" for where, d in report["differences"].items())
+    return {"calibration": cal, "scores": scores, "note": note, "seconds": report["seconds"],
+            "differences": report["differences"], **lists}
+
+
+METRICS = ("map20", "top1", "hit20")
+
+
+def differences(per_query: dict, n_boot: int = 2000) -> dict:
+    """Fused minus each single variant, per metric, with a paired bootstrap 95 % interval over
+    the queries (:func:`common.metrics.paired_bootstrap`): whether fusion beats the embedding and
+    the local score alone by more than the luck of a few queries.
+    ``{"fused-local": {metric: {diff, lo, hi, n}}, "fused-embedding": ...}``
+
+    >>> one = {"map20": np.array([1.0, 0.5]), "top1": np.array([1.0, 0.0]), "hit20": np.array([1.0, 1.0])}
+    >>> d = differences({"fused": one, "local": one, "embedding": one}, n_boot=10)
+    >>> sorted(d), d["fused-local"]["top1"]
+    (['fused-embedding', 'fused-local'], {'diff': 0.0, 'lo': 0.0, 'hi': 0.0, 'n': 2})
+    """
+    return {f"fused-{other}": {m: paired_bootstrap(per_query["fused"][m], per_query[other][m], n_boot)
+                               for m in METRICS}
+            for other in ("local", "embedding") if other in per_query and "fused" in per_query}
+
+
+def format_differences(diffs: dict, where: str) -> str:
+    """One line per comparison: the difference and its interval, per metric."""
+    names = {"val": "local validation", "test": "withheld truth"}
+    return "\n".join(f"{pair.replace('-', ' - ')} on {names.get(where, where)} (95 % bootstrap interval over "
+                     f"{max(v['n'] for v in d.values())} queries): "
+                     + ", ".join(f"{m} {v['diff']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]" for m, v in d.items())
+                     for pair, d in diffs.items())
 
 
 # ---- figures -------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from common.metrics import (average_precision_at_k, count_relevant, hit_at_k, image_scores, kaggle_map5, map_at_k,
-                            relevance, top1)
+                            paired_bootstrap, query_scores, relevance, top1)
 
 
 def test_average_precision_hand_computed():
@@ -44,3 +44,23 @@ def test_relevance_never_counts_new_whale_or_padding():
     hits = relevance(["new_whale", "a"], db, [[0, -1], [1, -1]])
     assert hits.tolist() == [[False, False], [True, False]]
     assert count_relevant(["new_whale", "a", "b", "zzz"], db).tolist() == [0, 1, 0, 0]
+
+
+def test_query_scores_average_to_the_image_scores():
+    rng = np.random.default_rng(0)
+    hits, n_rel = rng.random((50, 20)) < 0.2, rng.integers(0, 6, 50)
+    per, whole = query_scores(hits, n_rel), image_scores(hits, n_rel)
+    assert np.isnan(per["map20"][n_rel == 0]).all()
+    assert np.nanmean(per["map20"]) == pytest.approx(whole["map20"])
+    assert per["top1"].mean() == whole["top1"] and per["hit20"].mean() == whole["hit20"]
+
+
+def test_paired_bootstrap_separates_a_real_gain_from_a_few_lucky_queries():
+    rng = np.random.default_rng(1)
+    base = rng.random(300)
+    gain = paired_bootstrap(base + 0.05 + rng.normal(0, 0.05, 300), base)
+    assert 0 < gain["lo"] < gain["diff"] < gain["hi"] and gain["n"] == 300
+    luck = paired_bootstrap(np.r_[1.0, np.zeros(299)], np.zeros(300))   # one query better
+    assert luck["lo"] == 0.0 and luck["diff"] == pytest.approx(1 / 300)
+    same = paired_bootstrap([0.5, np.nan, 0.2], [0.5, 0.1, 0.2])         # NaN queries left out
+    assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "n": 2}

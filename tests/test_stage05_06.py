@@ -165,6 +165,11 @@ def test_rerank_off_or_weight_zero_keeps_the_embedding_ranking(comp, tmp_path):
     for m in ("map20", "top1", "hit20"):
         assert s["ensemble+fused"]["val"][m] == s["ensemble"]["val"][m]
         assert s["ensemble+fused"]["test"][m] == s["ensemble"]["test"][m]
+    diffs = json.loads(comp.rerank_report.read_text())["differences"]  # fused = embedding, query by query
+    for where in ("val", "test"):
+        assert set(diffs[where]) == {"fused-local", "fused-embedding"}
+        assert all(d == {**d, "diff": 0.0, "lo": 0.0, "hi": 0.0} for d in diffs[where]["fused-embedding"].values())
+    assert "fused - embedding on withheld truth (95 % bootstrap interval" in zero.stdout
 
 
 def test_predict_prints_and_writes_matches(comp, tmp_path):
