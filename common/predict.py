@@ -131,7 +131,7 @@ def _reranked(cfg, paths, table, db_emb, q_emb, inputs, tmp: Path, top_k: int):
     """Shortlists of the photos re-ranked by the fused probability with stage 06's calibration:
     ``(cosines, rows, {"inliers", "probability"} per rank, new_whale threshold)``."""
     from .io import read_json
-    from .rerank import Calibration, LocalScorer, reorder
+    from .rerank import Calibration, LocalScorer, lnbnn_candidates, reorder
     from .retrieval import search, search_options
 
     r = cfg["rerank"]
@@ -141,8 +141,9 @@ def _reranked(cfg, paths, table, db_emb, q_emb, inputs, tmp: Path, top_k: int):
     scorer = LocalScorer(table, r, paths.features_dir, progress=False)
     keys = [("photo", i) for i in range(len(inputs))]
     scorer.add(keys, [("predict", f"{i:05d}_{Path(p).name}", str(p)) for i, p in enumerate(inputs)], tmp / "features")
+    cos, idx, lnb = lnbnn_candidates(scorer, cal, np.arange(len(table)), keys, db_emb, q_emb, cos, idx)
     inl = scorer.scores(keys, idx)
-    prob, order = reorder(cal.fuse(cos, inl), idx)
+    prob, order = reorder(cal.fuse(cos, inl, lnbnn=lnb), idx)
     pos = [[list(row).index(c) for c in o] for row, o in zip(idx, order)]
     cos = np.take_along_axis(cos, np.array(pos, np.int64).reshape(idx.shape), 1)
     inl = np.take_along_axis(inl, np.array(pos, np.int64).reshape(idx.shape), 1)

@@ -94,6 +94,8 @@ class Calibration:
     new_whale_threshold: float = 0.5
     info: dict = field(default_factory=dict)
     fusion: str = "mean"           # how the two probabilities combine (fuse_probabilities)
+    lnbnn: dict | None = None      # isotonic breakpoints of the LNBNN score (None: not used)
+    share: float = 0.0             # LNBNN's share of the local evidence (the rest: the inlier count)
 
     def p_emb(self, cos) -> np.ndarray:
         return apply_isotonic(self.emb, cos)
@@ -101,27 +103,40 @@ class Calibration:
     def p_local(self, inliers) -> np.ndarray:
         return apply_isotonic(self.local, inliers)
 
-    def fuse(self, cos, inliers, weight: float | None = None) -> np.ndarray:
+    def p_lnbnn(self, score) -> np.ndarray:
+        return apply_isotonic(self.lnbnn, score)
+
+    def fuse(self, cos, inliers, weight: float | None = None, lnbnn=None, share: float | None = None) -> np.ndarray:
+        """Fused P(same): the embedding against the local evidence (weight ``w``), the local
+        evidence being the inlier count's probability fused with the LNBNN score's (share ``s``),
+        so the three log-odds weigh ``1 - w``, ``w (1 - s)``, ``w s``. Without LNBNN scores (or s = 0)
+        exactly the two-score fusion."""
         w = self.weight if weight is None else float(weight)
-        return fuse_probabilities(self.p_emb(cos), self.p_local(inliers), w, self.fusion)
+        sh = self.share if share is None else float(share)
+        p_local = self.p_local(inliers)
+        if self.lnbnn is not None and lnbnn is not None and sh > 0:
+            p_local = fuse_probabilities(p_local, self.p_lnbnn(lnbnn), sh, self.fusion)
+        return fuse_probabilities(self.p_emb(cos), p_local, w, self.fusion)
 
     def to_dict(self) -> dict:
-        return {"emb": self.emb, "local": self.local, "weight": self.weight, "fusion": self.fusion,
-                "new_whale_threshold": self.new_whale_threshold, "info": self.info}
+        return {"emb": self.emb, "local": self.local, "lnbnn": self.lnbnn, "weight": self.weight, "share": self.share,
+                "fusion": self.fusion, "new_whale_threshold": self.new_whale_threshold, "info": self.info}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":  # files from before rerank.fusion fused by the mean
         return cls(d["emb"], d["local"], float(d["weight"]), float(d["new_whale_threshold"]), d.get("info", {}),
-                   d.get("fusion", "mean"))
+                   d.get("fusion", "mean"), d.get("lnbnn"), float(d.get("share", 0.0)))
 
 
-def fit_calibration(cos, inliers, same, weight=None, local_rows=None) -> Calibration:
-    """Isotonic calibrations of cosine and inlier count on labelled pairs (``same``: bool);
-    ``local_rows`` (bool mask or indices) restricts the inlier-count fit to those pairs."""
+def fit_calibration(cos, inliers, same, weight=None, local_rows=None, lnbnn=None) -> Calibration:
+    """Isotonic calibrations of cosine, inlier count (and LNBNN score) on labelled pairs
+    (``same``: bool); ``local_rows`` (bool mask or indices) restricts the inlier-count fit to those pairs."""
     same = np.asarray(same, dtype=np.float64)
     sel = slice(None) if local_rows is None else np.asarray(local_rows)
     w_local = None if weight is None else np.asarray(weight, np.float64)[sel]
-    return Calibration(fit_isotonic(cos, same, weight), fit_isotonic(np.asarray(inliers)[sel], same[sel], w_local))
+    cal = Calibration(fit_isotonic(cos, same, weight), fit_isotonic(np.asarray(inliers)[sel], same[sel], w_local))
+    cal.lnbnn = None if lnbnn is None else fit_isotonic(lnbnn, same, weight)
+    return cal
 
 
 LOCAL_CALIBRATION = ("shortlist", "ranking")
@@ -160,7 +175,8 @@ class LocalScorer:
         self.feats: dict = {}
         self.pairs: dict = {}
         self.pair_cache = PairCache(Path(cache_dir) / "pairs.npz", {k: rcfg[k] for k in MATCH_KEYS})
-        self.seconds = {"features": 0.0, "matching": 0.0}
+        self.seconds = {"features": 0.0, "matching": 0.0, "lnbnn": 0.0}
+        self._indexes: dict = {}
         self.counts = {"cached": 0, "computed": 0, "pairs": 0, "pairs_cached": 0}
 
     def add(self, keys, items, cache_dir=None) -> None:
@@ -204,10 +220,86 @@ class LocalScorer:
         return np.array([[self.pairs[(q, int(c))] if c >= 0 else 0 for c in row] for q, row in zip(q_keys, idx)],
                         dtype=np.int32).reshape(idx.shape)
 
+    def lnbnn_index(self, rows, k: int):
+        """The descriptor index of database ``rows`` (built once per database and ``k``)."""
+        import hashlib
+
+        from .lnbnn import DescriptorIndex
+
+        rows = np.asarray(rows, np.int64)
+        key = (int(k), hashlib.blake2b(rows.tobytes(), digest_size=8).hexdigest())
+        if key not in self._indexes:
+            self.ensure(rows)
+            t = time.perf_counter()
+            self._indexes[key] = DescriptorIndex(self.feats, rows, len(self.table), int(k), int(self.r["seed"]))
+            self.seconds["lnbnn"] += time.perf_counter() - t
+        return self._indexes[key]
+
     def matches(self, a, b):
         r = self.r
         return match_pair(self.feats[a], self.feats[b], r["ratio"], r["ransac_threshold"], r["method"],
                           r["min_matches"], return_matches=True, geometry=r["geometry"])
+
+
+# ---- one-vs-many descriptor scores (LNBNN) and the candidates they add -----------------------------------
+class LnbnnRows:
+    """Each query's non-zero LNBNN scores (:mod:`common.lnbnn`) against the database ``db_rows``,
+    kept sparse. ``q_keys``: table rows or keys of extra features in ``scorer``; a query's own row
+    is never scored; with ``groups`` (encounters) neither are images of the query's encounter."""
+
+    def __init__(self, scorer: LocalScorer, db_rows, q_keys, k: int, groups=None, desc: str = "LNBNN scores"):
+        from tqdm import tqdm
+
+        index = scorer.lnbnn_index(db_rows, k)
+        scorer.ensure([q for q in q_keys if isinstance(q, (int, np.integer))])
+        t = time.perf_counter()
+        self.rows, self.vals = [], []
+        for q in tqdm(q_keys, desc=desc, disable=not scorer.progress or not len(q_keys), mininterval=1.0):
+            own = int(q) if isinstance(q, (int, np.integer)) else None
+            sc = index.scores(scorer.feats[q].desc, own)
+            if groups is not None and own is not None and groups[own]:
+                sc[groups == groups[own]] = 0.0
+            nz = np.flatnonzero(sc > 0)
+            self.rows.append(nz)
+            self.vals.append(sc[nz])
+        scorer.seconds["lnbnn"] += time.perf_counter() - t
+
+    def get(self, i: int, cands) -> np.ndarray:
+        """LNBNN scores of query ``i`` against table rows ``cands`` (0 for -1 padding / unmatched)."""
+        cands = np.asarray(cands, np.int64)
+        r, v = self.rows[i], self.vals[i]
+        if not len(r):
+            return np.zeros(cands.shape, np.float32)
+        pos = np.clip(np.searchsorted(r, cands), 0, len(r) - 1)
+        return np.where((cands >= 0) & (r[pos] == cands), v[pos], 0.0).astype(np.float32)
+
+    def pairs(self, q_index, cands) -> np.ndarray:
+        """Scores of pairs (query index into q_keys, table row)."""
+        return np.array([self.get(int(i), [c])[0] for i, c in zip(q_index, cands)], np.float32)
+
+    def top(self, i: int, n: int) -> np.ndarray:
+        return self.rows[i][np.argsort(-self.vals[i], kind="stable")[: int(n)]]
+
+
+def widen(lrows: LnbnnRows, emb, q_vec, cos, idx, n_extra: int):
+    """Shortlists ``(cos, idx)`` with each query's best ``n_extra`` LNBNN images not already in
+    them appended (their cosine to the query; -1 padding), and the LNBNN score of every
+    candidate: ``(cos, idx, lnbnn)``. Appended images rank after the shortlist in embedding order,
+    so w = 0 still gives the embedding ranking."""
+    e, qv = l2_normalize(emb), l2_normalize(np.asarray(q_vec, np.float32))
+    nq, depth = idx.shape
+    out = np.full((nq, depth + int(n_extra)), -1, np.int64)
+    out[:, :depth] = idx
+    c = np.full(out.shape, -1.0, np.float32)
+    c[:, :depth] = cos
+    for i in range(nq):
+        have = set(idx[i][idx[i] >= 0].tolist())
+        extra = [int(r) for r in lrows.top(i, int(n_extra) + depth) if int(r) not in have][: int(n_extra)]
+        if extra:
+            out[i, depth:depth + len(extra)] = extra
+            c[i, depth:depth + len(extra)] = e[extra] @ qv[i]
+    lnb = np.stack([lrows.get(i, out[i]) for i in range(nq)]) if nq else np.zeros(out.shape, np.float32)
+    return c, out, lnb
 
 
 # ---- evaluation of re-ranked lists -------------------------------------------------------------------
@@ -294,6 +386,10 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     ids = table["Id"].to_numpy(object)
     depth = max(int(rcfg["shortlist"]), k)
     cos, idx = shortlist(emb, q, tr, depth, True, groups, **{**search_kw, "gpu": False})
+    lnb = lrows = None
+    if rcfg.get("lnbnn", False):  # (a bare rcfg of a unit test may leave the LNBNN keys out)
+        lrows = LnbnnRows(scorer, tr, q.tolist(), int(rcfg["lnbnn_k"]), groups, "LNBNN (validation)")
+        cos, idx, lnb = widen(lrows, emb, emb[q], cos, idx, int(rcfg["lnbnn_candidates"]))
     inl = scorer.scores(q.tolist(), idx, "local matching (validation)")
     rq, rc, rcos, rw = calibration_pairs(emb, table, q, tr, idx, int(rcfg["calib_random"]), groups, int(rcfg["seed"]))
     rinl = scorer.scores(rq.tolist(), rc[:, None], "local matching (calibration)")[:, 0] if len(rq) else np.zeros(0)
@@ -306,35 +402,46 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     # inliers are only ever counted for shortlist candidates: P_local is fitted there (shortlist) or,
     # like the cosine, on the whole ranking (ranking), where the many random pairs make a few inliers mean nothing
     local_rows = np.arange(int(valid.sum())) if local_fit == "shortlist" else None
-    cal = fit_calibration(x_cos, x_inl, y, w, local_rows)
+    x_lnb = None
+    if lrows is not None:
+        pos = {int(r): i for i, r in enumerate(q)}
+        x_lnb = np.concatenate([lnb[valid], lrows.pairs([pos[int(a)] for a in rq], rc)])
+    cal = fit_calibration(x_cos, x_inl, y, w, local_rows, x_lnb)
     cal.fusion = _choice("fusion", rcfg["fusion"], FUSIONS)
     gr = None if groups is None else (groups[q], groups[tr])
     n_rel = relevant_counts(ids[q], ids[tr], True, gr)
     truth = [t if c > 0 else NEW_WHALE for t, c in zip(ids[q], n_rel)]
+    fw, fs = rcfg["fusion_weight"], rcfg.get("lnbnn_share", "auto")
+    weights = GRID if fw == "auto" else (float(fw),)
+    shares = (GRID if fs == "auto" else (float(fs),)) if lrows is not None else (0.0,)
     grid = {}
-    for wt in GRID:
-        f, i = reorder(cal.fuse(cos, inl, wt), idx)
-        grid[wt] = list_scores(f, i, ids[q], ids, n_rel, k)
-    fw = rcfg["fusion_weight"]
-    best = max(GRID, key=lambda g: (round(grid[g][rcfg["select_metric"]], 12), grid[g]["top1"], -abs(g - 0.5)))
-    cal.weight = best if fw == "auto" else float(fw)
+    for wt in weights:
+        for sh in shares:
+            f, i = reorder(cal.fuse(cos, inl, wt, lnb, sh), idx)
+            grid[(wt, sh)] = list_scores(f, i, ids[q], ids, n_rel, k)
+    cal.weight, cal.share = max(grid, key=lambda g: (round(grid[g][rcfg["select_metric"]], 12), grid[g]["top1"],
+                                                     -abs(g[0] - 0.5), -abs(g[1] - 0.5)))
     out, per_query = {}, {}
     for name, wt in variants(cal.weight).items():
-        f, i = reorder(cal.fuse(cos, inl, wt), idx)
+        f, i = reorder(cal.fuse(cos, inl, wt, lnb), idx)
         out[name] = list_scores(f, i, ids[q], ids, n_rel, k)
         per_query[name] = query_scores(relevance(ids[q], ids, i[:, :k]), n_rel, k)
         out[name]["map5_nw"], out[name]["new_whale_threshold"] = _nw_scores(f, i, ids, truth)
     cal.new_whale_threshold = out["fused"]["new_whale_threshold"]
-    pos = y.astype(bool)
+    positive = y.astype(bool)
     report = {"n_queries": int(len(q)), "val_queries": rcfg["val_queries"], "n_held_out_queries": n_held_out,
               "shortlist": depth, "pairs_shortlist": int(valid.sum()),
-              "pairs_random": int(len(rq)), "positives": int(pos.sum()), "weight_mode": fw, "weight": cal.weight,
-              "grid": {str(g): {m: round(v, 5) for m, v in s.items() if m != "n_queries"} for g, s in grid.items()},
+              "pairs_random": int(len(rq)), "positives": int(positive.sum()), "weight_mode": fw, "weight": cal.weight,
+              "lnbnn": lrows is not None, "share_mode": fs, "share": cal.share,
+              "grid": {(f"{g[0]}/{g[1]}" if lrows is not None else str(g[0])): {m: round(v, 5) for m, v in s.items()
+                                                                                 if m != "n_queries"}
+                       for g, s in grid.items()},
               "pairs": {"p_emb": cal.p_emb(x_cos).tolist(), "p_local": cal.p_local(x_inl).tolist(),
-                        "same": pos.tolist(), "weight": w.tolist()}}
-    log(f"fusion weight {cal.weight:.2f} ({'chosen on validation' if fw == 'auto' else 'set'}) on {len(q)} queries "
-        f"({n_held_out} of them photos of held-out identities); calibrated on {valid.sum()} shortlist + "
-        f"{len(rq)} random validation pairs ({pos.sum()} same individual)")
+                        "same": positive.tolist(), "weight": w.tolist()}}
+    log(f"fusion weight {cal.weight:.2f} ({'chosen on validation' if fw == 'auto' else 'set'})"
+        + (f", LNBNN share {cal.share:.2f} ({'chosen on validation' if fs == 'auto' else 'set'})" if lrows else "")
+        + f" on {len(q)} queries ({n_held_out} of them photos of held-out identities); calibrated on {valid.sum()} "
+        f"shortlist + {len(rq)} random validation pairs ({positive.sum()} same individual)")
     return cal, out, {**report, "sample": _sample_pairs(q, idx, inl, cal), "per_query": per_query}
 
 
@@ -350,19 +457,30 @@ def _sample_pairs(q, idx, inl, cal, n: int = 6):
     return out
 
 
-def reranked_test_lists(emb, table: pd.DataFrame, scorer: LocalScorer, cal: Calibration, k: int, depth: int,
-               weight: float | None = None, search_kw: dict | None = None):
-    """Re-ranked test lists: image mode (database train + test, self excluded) and ID mode
-    (database train). Returns ``(img_fused, img_idx, id_fused, id_idx)``, candidates as table rows."""
+def candidate_lists(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int, depth: int,
+                    search_kw: dict | None = None) -> dict:
+    """Candidates of every test query, image mode (database train + test, self excluded) and ID
+    mode (database train): ``{"image" | "id": (cosines, table rows, inliers, LNBNN scores or None)}``."""
     search_kw = search_kw or {}
     tr = np.flatnonzero((table["split"] == "train").to_numpy())
     te = np.flatnonzero((table["split"] == "test").to_numpy())
     every = np.arange(len(table))
-    c1, i1 = shortlist(emb, te, every, max(depth, k), True, None, **search_kw)
-    c2, i2 = shortlist(emb, te, tr, max(depth, k), False, None, **search_kw)
-    inl1 = scorer.scores(te.tolist(), i1, "local matching (test, image mode)")
-    inl2 = scorer.scores(te.tolist(), i2, "local matching (test, ID mode)")
-    return (*reorder(cal.fuse(c1, inl1, weight), i1), *reorder(cal.fuse(c2, inl2, weight), i2))
+    out = {}
+    for mode, db, self_excluded in (("image", every, True), ("id", tr, False)):
+        c, i = shortlist(emb, te, db, max(depth, k), self_excluded, None, **search_kw)
+        lnb = None
+        if rcfg["lnbnn"]:
+            lrows = LnbnnRows(scorer, db, te.tolist(), int(rcfg["lnbnn_k"]), None, f"LNBNN (test, {mode} mode)")
+            c, i, lnb = widen(lrows, emb, emb[te], c, i, int(rcfg["lnbnn_candidates"]))
+        out[mode] = (c, i, scorer.scores(te.tolist(), i, f"local matching (test, {mode} mode)"), lnb)
+    return out
+
+
+def fused_lists(cal: "Calibration", cands: dict, weight: float | None = None):
+    """Re-ranked test lists of :func:`candidate_lists`: ``(img_fused, img_idx, id_fused, id_idx)``."""
+    c1, i1, n1, l1 = cands["image"]
+    c2, i2, n2, l2 = cands["id"]
+    return (*reorder(cal.fuse(c1, n1, weight, l1), i1), *reorder(cal.fuse(c2, n2, weight, l2), i2))
 
 
 def id_predictions(fused, idx, table, threshold: float, fallback, n: int = ID_N) -> list[list[str]]:
@@ -416,8 +534,9 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
     scores = {}
     lists = None
     per_query = {"val": report.pop("per_query"), "test": {}}
+    cands = candidate_lists(emb, table, scorer, r, k, depth, search_kw)
     for name, wt in variants(cal.weight).items():
-        f1, i1, f2, i2 = reranked_test_lists(emb, table, scorer, cal, k, depth, wt, search_kw)
+        f1, i1, f2, i2 = fused_lists(cal, cands, wt)
         thr[name] = val[name]["new_whale_threshold"]
         preds = id_predictions(f2, i2, table, thr[name], fallback_ids, cfg["search"]["id_k"])
         scores[name] = {"val": val[name]}
@@ -431,7 +550,7 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
                          "total": round(time.perf_counter() - t0, 1)}
     report["features"] = {k_: v for k_, v in scorer.counts.items()}
     cal.info = {"embedding": embedding,
-                **{k_: r[k_] for k_ in ("size", "max_keypoints", *MATCH_KEYS)},
+                **{k_: r[k_] for k_ in ("size", "max_keypoints", *MATCH_KEYS, "lnbnn", "lnbnn_k", "lnbnn_candidates")},
                 "shortlist": depth}
     write_json(paths.rerank_calibration, cal.to_dict())
     reliability_plot(report.pop("pairs"), cal, paths.reliability_png)
@@ -440,7 +559,7 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
     write_json(paths.rerank_report, {**report, "scores": scores})
     log(f"local features: {scorer.counts['computed']} computed, {scorer.counts['cached']} from the cache "
         f"({report['seconds']['features']} s); {scorer.counts['pairs']} pairs matched ({report['seconds']['matching']} s), "
-        f"{scorer.counts['pairs_cached']} from the pair cache")
+        f"{scorer.counts['pairs_cached']} from the pair cache" + (f"; LNBNN {report['seconds']['lnbnn']} s" if r["lnbnn"] else ""))
     e = val["embedding"]
     note = (f"val.* of the +local/+fused rows: {report['n_queries']} queries ({report['n_held_out_queries']} of them "
             f"photos of identities held out of training, rerank.val_queries: {r['val_queries']}); the embedding "
@@ -563,11 +682,23 @@ def fused_nearest_identities(emb, table, scorer: LocalScorer, cal: Calibration, 
     qe = e[np.asarray(q_rows, np.int64)] if q_emb is None else l2_normalize(q_emb)
     s, i = search(e[db_rows], qe, min(int(depth), len(db_rows)), gpu=False)
     idx = np.where(i >= 0, db_rows[np.clip(i, 0, None)], -1)
-    inl = scorer.scores(list(q_rows) if q_keys is None else q_keys, idx, "local matching (pseudo-labels)")
-    f, idx = reorder(cal.fuse(s, inl), idx)
+    keys = list(q_rows) if q_keys is None else q_keys
+    s, idx, lnb = lnbnn_candidates(scorer, cal, db_rows, keys, emb, qe, s, idx)
+    inl = scorer.scores(keys, idx, "local matching (pseudo-labels)")
+    f, idx = reorder(cal.fuse(s, inl, lnbnn=lnb), idx)
     from .pseudo import padded
 
     return padded(*rank_identities(f, idx, table["Id"].to_numpy(object), n=n), n)
+
+
+def lnbnn_candidates(scorer: LocalScorer, cal: Calibration, db_rows, q_keys, emb, q_vec, cos, idx):
+    """Shortlists widened by LNBNN and every candidate's LNBNN score, as the calibration was made
+    (``cal.info``); unchanged (scores None) when it fused no LNBNN score."""
+    if cal.lnbnn is None or not cal.info.get("lnbnn", True):
+        return cos, idx, None
+    r = {**scorer.r, **{k: cal.info[k] for k in ("lnbnn_k", "lnbnn_candidates") if k in cal.info}}
+    lrows = LnbnnRows(scorer, db_rows, q_keys, int(r["lnbnn_k"]), None, "LNBNN")
+    return widen(lrows, emb, q_vec, cos, idx, int(r["lnbnn_candidates"]))
 
 
 def fused_ranker(cfg: dict, paths, table: pd.DataFrame, emb, groups=None, log=print):

@@ -1,0 +1,97 @@
+"""One-vs-many descriptor matching: LNBNN scores of a query against every database image (HotSpotter).
+
+Pairwise matching (:mod:`common.local_features`) only sees the embedding's shortlist. HotSpotter
+(Crall et al. 2013; Wildbook's matcher for humpback flukes) instead searches each query
+descriptor among the descriptors of *all* database images at once and scores the images its
+nearest neighbours belong to by local naive-Bayes nearest neighbour (LNBNN, McCann & Lowe 2012):
+a neighbour among the first ``k`` counts ``d_norm - d``, where ``d_norm`` is the distance to the
+``k+1``-th neighbour, so a descriptor that resembles many images (water, barn wall, skin texture
+everywhere) counts little and a distinctive one a lot; each image counts once per query
+descriptor (its closest). The score of an image is the sum over the query's descriptors.
+
+It finds candidates the embedding ranks far away (``rerank.lnbnn_candidates`` are added to
+each shortlist) and gives every pair a third score that :mod:`common.rerank` calibrates and fuses.
+Descriptors of the query's own image (``exclude``) are skipped. The index is a faiss IVF over
+the database's RootSIFT descriptors (exact search below ``FLAT_BELOW`` descriptors).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+FLAT_BELOW = 50_000   # descriptors: exact search below, IVF (4 sqrt(n) lists, nprobe 16) from there
+NPROBE = 16
+
+
+def lnbnn_scores(dist2, nbr, owner, n_images: int, k: int = 4, exclude: int | None = None) -> np.ndarray:
+    """LNBNN score of each image from one query's neighbour lists.
+
+    ``dist2`` / ``nbr``: ``(n_descriptors, m)`` squared distances and database descriptor ids
+    (-1 = none), nearest first, ``m > k``; ``owner[id]`` = the image a database descriptor belongs
+    to; descriptors of image ``exclude`` are skipped. A query descriptor with fewer than ``k + 1``
+    usable neighbours counts nothing.
+
+    >>> owner = np.array([0, 0, 1, 2, 3])
+    >>> d2 = np.array([[1.0, 4.0, 9.0, 16.0]])            # distances 1, 2, 3, 4
+    >>> lnbnn_scores(d2, np.array([[2, 0, 1, 3]]), owner, 4, k=2).tolist()   # norm = 3rd = 3
+    [1.0, 2.0, 0.0, 0.0]
+    >>> lnbnn_scores(d2, np.array([[2, 0, 1, 3]]), owner, 4, k=2, exclude=1).tolist()  # 1 skipped: norm 4
+    [2.0, 0.0, 0.0, 0.0]
+    """
+    nbr = np.asarray(nbr, np.int64)
+    o = np.where(nbr >= 0, np.asarray(owner)[np.clip(nbr, 0, None)], -1)
+    keep = (nbr >= 0) & ((o != exclude) if exclude is not None else True)
+    cum = np.cumsum(keep, axis=1)
+    ok = cum[:, -1] >= k + 1 if cum.size else np.zeros(0, bool)
+    if not ok.any():
+        return np.zeros(n_images, np.float32)
+    d = np.sqrt(np.maximum(np.asarray(dist2, np.float64)[ok], 0.0))
+    o, keep, cum = o[ok], keep[ok], cum[ok]
+    norm = d[np.arange(len(d)), np.argmax(keep & (cum == k + 1), axis=1)]
+    r, c = np.nonzero(keep & (cum <= k))
+    own, w = o[r, c], np.maximum(norm[r] - d[r, c], 0.0)
+    _, first = np.unique(r * np.int64(n_images) + own, return_index=True)  # closest neighbour per image
+    return np.bincount(own[first], weights=w[first], minlength=n_images).astype(np.float32)
+
+
+class DescriptorIndex:
+    """The descriptors of ``feats[i]`` for the database ``rows`` (table row numbers), searchable.
+
+    >>> from common.local_features import Features
+    >>> rng = np.random.default_rng(0)
+    >>> f = [Features(np.zeros((30, 2), np.float32), rng.random((30, 128)).astype(np.float32), 1.0) for _ in range(4)]
+    >>> idx = DescriptorIndex({r: f[r] for r in range(4)}, [0, 1, 2], n_images=4)
+    >>> s = idx.scores(f[1].desc, exclude=None)    # image 1's own descriptors find image 1 first
+    >>> int(np.argmax(s)), float(s[3])             # row 3 is not in the database
+    (1, 0.0)
+    """
+
+    def __init__(self, feats: dict, rows: Sequence[int], n_images: int, k: int = 4, seed: int = 0):
+        import faiss
+
+        rows = [int(r) for r in rows if len(feats[int(r)])]
+        self.k, self.n_images = int(k), int(n_images)
+        self.owner = np.concatenate([np.full(len(feats[r]), r, np.int64) for r in rows]) if rows else np.zeros(0, np.int64)
+        x = np.ascontiguousarray(np.concatenate([feats[r].desc for r in rows]).astype(np.float32)) if rows \
+            else np.zeros((0, 128), np.float32)
+        self.n = len(x)
+        if self.n < FLAT_BELOW:
+            self.index = faiss.IndexFlatL2(128)
+        else:
+            nlist = int(4 * np.sqrt(self.n))
+            self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(128), 128, nlist)
+            pick = np.random.default_rng(seed).choice(self.n, size=min(self.n, 64 * nlist), replace=False)
+            self.index.train(x[np.sort(pick)])
+            self.index.nprobe = NPROBE
+        self.index.add(x)
+
+    def scores(self, desc, exclude: int | None) -> np.ndarray:
+        """LNBNN score ``(n_images,)`` of every image for one query's descriptors (0 off the database)."""
+        desc = np.ascontiguousarray(np.asarray(desc, np.float32))
+        if not len(desc) or not self.n:
+            return np.zeros(self.n_images, np.float32)
+        # neighbours enough for k + 1 after skipping the query's own descriptors (one image's worth at most)
+        m = min(self.n, self.k + 1 + (16 if exclude is not None else 0))
+        d2, nbr = self.index.search(desc, m)
+        return lnbnn_scores(d2, nbr, self.owner, self.n_images, self.k, exclude)

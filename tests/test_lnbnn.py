@@ -1,0 +1,67 @@
+"""One-vs-many LNBNN scoring (common/lnbnn.py) and the candidates it adds to shortlists (common/rerank.py)."""
+import numpy as np
+import pytest
+
+import common.lnbnn as lnbnn
+from common.lnbnn import DescriptorIndex, lnbnn_scores
+from common.local_features import extract
+from common.rerank import Calibration, LnbnnRows, fit_isotonic, widen
+from tests.test_local_features import scene, transformed
+
+
+@pytest.fixture(scope="module")
+def gallery():
+    """Rows 0-5: unrelated scenes; row 6: a rotated, scaled, cropped copy of scene 3."""
+    return {r: extract(scene(r), 320, 300) for r in range(6)} | {6: extract(transformed(scene(3)), 320, 300)}
+
+
+@pytest.mark.parametrize("flat_below", [10**9, 100])   # exact search, then the IVF index
+def test_lnbnn_finds_the_transformed_copy_among_unrelated_images(gallery, monkeypatch, flat_below):
+    monkeypatch.setattr(lnbnn, "FLAT_BELOW", flat_below)
+    index = DescriptorIndex(gallery, [0, 1, 2, 3, 4, 5], n_images=7, k=4)
+    s = index.scores(gallery[6].desc, exclude=None)
+    assert int(np.argmax(s)) == 3 and s[3] > 3 * np.sort(s)[-2] and s[6] == 0.0   # row 6 is not in the database
+    own = index.scores(gallery[3].desc, exclude=3)            # its own descriptors skipped: no self-match
+    assert own[3] == 0.0 and own.max() < s[3]
+
+
+def test_lnbnn_score_is_distance_margin_to_the_normaliser():
+    owner = np.array([0, 1, 1, 2])
+    d2 = np.array([[0.0, 1.0, 4.0, 9.0]])                     # distances 0 1 2 3; k = 2: normaliser 2
+    assert lnbnn_scores(d2, np.array([[1, 2, 0, 3]]), owner, 3, k=2).tolist() == [0.0, 2.0, 0.0]  # image 1 once
+    assert lnbnn_scores(d2, np.array([[1, 0, -1, -1]]), owner, 3, k=2).tolist() == [0.0, 0.0, 0.0]  # too few neighbours
+
+
+class _Scorer:
+    def __init__(self, feats):
+        self.feats, self.progress, self.seconds, self.r = feats, False, {"lnbnn": 0.0}, {"seed": 0}
+
+    def ensure(self, rows):
+        pass
+
+    def lnbnn_index(self, rows, k):
+        return DescriptorIndex(self.feats, rows, len(self.feats), k)
+
+
+def test_widen_appends_lnbnn_candidates_after_the_shortlist(gallery):
+    emb = np.eye(7, dtype=np.float32)
+    emb[6] = emb[0] + 0.1                                     # the embedding puts the copy nearest row 0
+    rows = LnbnnRows(_Scorer(gallery), [0, 1, 2, 3, 4, 5], [6], k=4)
+    cos, idx = np.array([[0.99, 0.1]], np.float32), np.array([[0, 1]])
+    c, i, s = widen(rows, emb, emb[[6]], cos, idx, n_extra=2)
+    assert i.shape == (1, 4) and i[0, :2].tolist() == [0, 1] and i[0, 2] == 3   # the copy's scene, found by LNBNN
+    assert len(set(i[0][i[0] >= 0].tolist())) == (i[0] >= 0).sum()          # no candidate twice
+    assert c[0, 2] <= c[0, 1] and s[0, 2] == s[0].max() > 0                   # after the shortlist in cosine
+
+
+def test_fusion_with_lnbnn_weighs_three_log_odds_and_share_zero_is_the_two_score_fusion():
+    cal = Calibration(fit_isotonic([0, 1], [0, 1]), fit_isotonic([0, 20], [0, 1]), weight=0.5, fusion="logodds",
+                      lnbnn=fit_isotonic([0, 10], [0, 1]), share=0.0)
+    cos, inl, lnb = np.array([[0.3, 0.6]]), np.array([[10, 2]]), np.array([[1.0, 9.0]])
+    assert np.array_equal(cal.fuse(cos, inl, lnbnn=lnb), cal.fuse(cos, inl))
+    cal.share = 1.0                                            # the local evidence is LNBNN alone
+    z = 0.5 * np.log(0.6 / 0.4) + 0.5 * np.log(0.9 / 0.1)
+    assert cal.fuse(cos, inl, lnbnn=lnb)[0, 1] == pytest.approx(1 / (1 + np.exp(-z)))
+    back = Calibration.from_dict(cal.to_dict())
+    assert back.share == 1.0 and back.lnbnn == cal.lnbnn
+    assert Calibration.from_dict({k: v for k, v in cal.to_dict().items() if k not in ("lnbnn", "share")}).lnbnn is None
