@@ -12,6 +12,11 @@ their log-odds (``logodds``, :func:`fuse_probabilities`); ``w`` is set or chosen
 0 (embedding only) .. 1 (local only). Each shortlist is re-ordered by the fused score, ties kept
 in embedding order, so ``w = 0`` gives exactly the embedding ranking.
 
+With ``rerank.lnbnn`` the query's descriptors are also searched among those of every database
+image (:mod:`common.lnbnn`, HotSpotter's LNBNN): its best ``rerank.lnbnn_candidates`` images join
+the shortlist (after it, :func:`widen`) and the LNBNN score, calibrated the same way, is fused with
+the inlier count's probability into the local evidence (share ``s``, :meth:`Calibration.fuse`).
+
 Encounters (photos of one sighting): local validation never lets a candidate from the query's
 own encounter count as a hit or take a place in its shortlist (:func:`common.retrieval.search`
 ``groups``); they would match through the shared background, not the animal.
@@ -437,6 +442,7 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
                                                                                  if m != "n_queries"}
                        for g, s in grid.items()},
               "pairs": {"p_emb": cal.p_emb(x_cos).tolist(), "p_local": cal.p_local(x_inl).tolist(),
+                        **({"p_lnbnn": cal.p_lnbnn(x_lnb).tolist()} if x_lnb is not None else {}),
                         "same": positive.tolist(), "weight": w.tolist()}}
     log(f"fusion weight {cal.weight:.2f} ({'chosen on validation' if fw == 'auto' else 'set'})"
         + (f", LNBNN share {cal.share:.2f} ({'chosen on validation' if fs == 'auto' else 'set'})" if lrows else "")
@@ -610,9 +616,14 @@ def reliability_plot(pairs: dict, cal: Calibration, dest, bins: int = 10):
 
     pe, pl = np.asarray(pairs["p_emb"]), np.asarray(pairs["p_local"])
     y, w = np.asarray(pairs["same"], np.float64), np.asarray(pairs["weight"])
+    pn = np.asarray(pairs["p_lnbnn"]) if "p_lnbnn" in pairs else None
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     edges = np.linspace(0, 1, bins + 1)
-    for name, p in (("embedding", pe), ("local", pl), (f"fused (w={cal.weight:.2f})", (1 - cal.weight) * pe + cal.weight * pl)):
+    p_loc = pl if pn is None else fuse_probabilities(pl, pn, cal.share, cal.fusion)
+    curves = [("embedding", pe), ("local: inliers", pl)] + ([("local: LNBNN", pn)] if pn is not None else []) + [
+        (f"fused (w={cal.weight:.2f}" + (f", s={cal.share:.2f})" if pn is not None else ")"),
+         fuse_probabilities(pe, p_loc, cal.weight, cal.fusion))]
+    for name, p in curves:
         which = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
         xs, ys = [], []
         for bi in range(bins):
