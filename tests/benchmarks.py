@@ -164,6 +164,8 @@ def main() -> int:
             best = max(sc[final]["test"][m], sc[f"{final}+local"]["test"][m])
             checks[f"rerank: fused test {m} >= max(embedding, local)"] = sc[f"{final}+fused"]["test"][m] >= best
         res["rerank_test"] = {v: sc[v]["test"] for v in (final, f"{final}+local", f"{final}+fused")}
+        if paths.rerank_report.exists():  # fused - local / embedding with their bootstrap intervals (noise or not)
+            res["rerank_test_differences"] = json.loads(paths.rerank_report.read_text()).get("differences", {}).get("test")
 
     if args.variants:
         n = names[0]
@@ -182,6 +184,9 @@ def main() -> int:
     print(json.dumps({k: v for k, v in res.items() if k != "pseudo"}, indent=1, default=str)[:6000])
     for k, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {k}")
+    for pair, d in (res.get("rerank_test_differences") or {}).items():
+        print(f"      {pair} on the test truth, 95 % bootstrap interval: "
+              + ", ".join(f"{m} {v['diff']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]" for m, v in d.items()))
     print(f"wrote {paths.data / 'bench.json'}")
     return 0 if all(checks.values()) else 1
 
