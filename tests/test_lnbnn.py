@@ -15,9 +15,10 @@ def gallery():
     return {r: extract(scene(r), 320, 300) for r in range(6)} | {6: extract(transformed(scene(3)), 320, 300)}
 
 
-@pytest.mark.parametrize("flat_below", [10**9, 100])   # exact search, then the IVF index
-def test_lnbnn_finds_the_transformed_copy_among_unrelated_images(gallery, monkeypatch, flat_below):
+@pytest.mark.parametrize("flat_below,sq8_above", [(10**9, 10**9), (100, 10**9), (100, 100)])  # exact, IVF, IVF 8-bit
+def test_lnbnn_finds_the_transformed_copy_among_unrelated_images(gallery, monkeypatch, flat_below, sq8_above):
     monkeypatch.setattr(lnbnn, "FLAT_BELOW", flat_below)
+    monkeypatch.setattr(lnbnn, "SQ8_ABOVE", sq8_above)
     index = DescriptorIndex(gallery, [0, 1, 2, 3, 4, 5], n_images=7, k=4)
     s = index.scores(gallery[6].desc, exclude=None)
     assert int(np.argmax(s)) == 3 and s[3] > 3 * np.sort(s)[-2] and s[6] == 0.0   # row 6 is not in the database
