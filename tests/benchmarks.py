@@ -184,9 +184,10 @@ def main() -> int:
     print(json.dumps({k: v for k, v in res.items() if k != "pseudo"}, indent=1, default=str)[:6000])
     for k, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {k}")
-    for pair, d in (res.get("rerank_test_differences") or {}).items():
-        print(f"      {pair} on the test truth, 95 % bootstrap interval: "
-              + ", ".join(f"{m} {v['diff']:+.4f} [{v['lo']:+.4f}, {v['hi']:+.4f}]" for m, v in d.items()))
+    if res.get("rerank_test_differences"):
+        from common.rerank import format_differences
+
+        print(format_differences(res["rerank_test_differences"], "test"))
     print(f"wrote {paths.data / 'bench.json'}")
     return 0 if all(checks.values()) else 1
 
