@@ -513,9 +513,10 @@ def truth_relevance(img_idx, table, truth: pd.DataFrame, k: int, groups=None):
     return relevance(test_ids, all_ids, idx[:, :k]), relevant_counts(test_ids, all_ids, True, gr), test_ids, all_ids
 
 
-def score_test(img_fused, img_idx, id_preds, table, truth: pd.DataFrame, k: int, groups=None) -> dict:
-    """How the re-ranked submissions score against the withheld truth (:func:`truth_relevance`)."""
-    hits, n_rel, test_ids, all_ids = truth_relevance(img_idx, table, truth, k, groups)
+def score_test(rel, id_preds, table, k: int) -> dict:
+    """How the re-ranked submissions score against the withheld truth; ``rel`` = :func:`truth_relevance`
+    of the image-mode lists."""
+    hits, n_rel, test_ids, all_ids = rel
     tr = np.flatnonzero((table["split"] == "train").to_numpy())
     out = image_scores(hits, n_rel, k)
     out.update(subset_scores(hits, n_rel, seen_unseen(test_ids, all_ids[tr]), k))
@@ -547,9 +548,9 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
         preds = id_predictions(f2, i2, table, thr[name], fallback_ids, cfg["search"]["id_k"])
         scores[name] = {"val": val[name]}
         if truth is not None:
-            scores[name]["test"] = score_test(f1, i1, preds, table, truth, k, groups)
-            hits, n_rel, _, _ = truth_relevance(i1, table, truth, k, groups)
-            per_query["test"][name] = query_scores(hits, n_rel, k)
+            rel = truth_relevance(i1, table, truth, k, groups)
+            scores[name]["test"] = score_test(rel, preds, table, k)
+            per_query["test"][name] = query_scores(rel[0], rel[1], k)
         if name == "fused":
             lists = {"image_idx": i1[:, :k], "id_preds": preds, "threshold": thr[name]}
     report["seconds"] = {**{k_: round(v, 1) for k_, v in scorer.seconds.items()},
