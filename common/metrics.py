@@ -184,3 +184,27 @@ def subset_scores(hits, n_relevant, subsets: dict, k: int = 20) -> dict:
             out.update({f"{m}_{name}": part[m] for m in ("map20", "top1", "hit20")})
             out[f"n_queries_{name}"] = int(mask.sum())
     return out
+
+
+def calibration_error(p, y, weight=None, bins: int = 10) -> float:
+    """Expected calibration error: over equal-width bins of the predicted probability, the
+    (weighted) share of pairs times |mean prediction - observed share of positives|. 0 for a
+    probability that means what it says.
+
+    >>> calibration_error([0.1, 0.1, 0.9, 0.9], [0, 0, 1, 1])   # |0.1 - 0| and |0.9 - 1|, half each
+    0.1
+    >>> round(calibration_error([0.3] * 4, [1, 1, 1, 0]), 4)    # says 0.3, is 0.75
+    0.45
+    >>> calibration_error([], [])
+    0.0
+    """
+    p, y = np.asarray(p, np.float64), np.asarray(y, np.float64)
+    w = np.ones(len(p)) if weight is None else np.asarray(weight, np.float64)
+    if not len(p) or w.sum() <= 0:
+        return 0.0
+    which = np.clip((p * bins).astype(np.int64), 0, bins - 1)
+    err = 0.0
+    for b in np.unique(which):
+        m = which == b
+        err += w[m].sum() * abs(np.average(p[m], weights=w[m]) - np.average(y[m], weights=w[m]))
+    return round(float(err / w.sum()), 12)

@@ -143,7 +143,8 @@ def _reranked(cfg, paths, table, db_emb, q_emb, inputs, tmp: Path, top_k: int):
     scorer.add(keys, [("predict", f"{i:05d}_{Path(p).name}", str(p)) for i, p in enumerate(inputs)], tmp / "features")
     cos, idx, lnb = lnbnn_candidates(scorer, cal, np.arange(len(table)), keys, db_emb, q_emb, cos, idx)
     inl = scorer.scores(keys, idx)
-    prob, order = reorder(cal.fuse(cos, inl, lnbnn=lnb), idx)
+    score, order = reorder(cal.fuse(cos, inl, lnbnn=lnb), idx)
+    prob = cal.probability(score)
     pos = [[list(row).index(c) for c in o] for row, o in zip(idx, order)]
     cos = np.take_along_axis(cos, np.array(pos, np.int64).reshape(idx.shape), 1)
     inl = np.take_along_axis(inl, np.array(pos, np.int64).reshape(idx.shape), 1)

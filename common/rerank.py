@@ -33,7 +33,7 @@ import pandas as pd
 from .config import ConfigError
 from .local_features import GEOMETRIES, METHODS, PairCache, compute_features, match_many, match_pair
 from .evaluation import seen_unseen
-from .metrics import NEW_WHALE, image_scores, kaggle_map5, paired_bootstrap, query_scores, relevance, subset_scores
+from .metrics import NEW_WHALE, calibration_error, image_scores, kaggle_map5, paired_bootstrap, query_scores, relevance, subset_scores
 from .retrieval import l2_normalize, rank_identities, relevant_counts, search
 from .submission import id_truth, insert_new_whale, pad_ids, tune_new_whale_threshold
 
@@ -91,6 +91,31 @@ def fuse_probabilities(p_emb, p_local, weight: float, fusion: str = "mean") -> n
     raise ConfigError(f"rerank.fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
 
 
+def fit_platt(score, y, weight=None) -> tuple[float, float]:
+    """``(a, b)`` of ``P(same) = sigmoid(a logit(score) + b)`` fitted by weighted logistic regression
+    (Platt scaling) on labelled pairs; ``(1.0, 0.0)`` (the score as it is) without both classes or
+    when the fit would not be increasing.
+
+    >>> rng = np.random.default_rng(0)
+    >>> z = rng.normal(size=4000); y = rng.random(4000) < 1 / (1 + np.exp(-(3 * z + 1)))
+    >>> a, b = fit_platt(1 / (1 + np.exp(-z)), y)   # the score's log-odds are a third of the truth's
+    >>> round(a), round(b)
+    (3, 1)
+    >>> fit_platt([0.2, 0.8], [True, True])
+    (1.0, 0.0)
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(y, bool)
+    if len(y) == 0 or y.all() or not y.any():
+        return 1.0, 0.0
+    x = _logit(score)[:, None]
+    w = None if weight is None else np.asarray(weight, np.float64) / np.mean(weight)
+    lr = LogisticRegression(C=1e6, max_iter=1000).fit(x, y, sample_weight=w)
+    a, b = float(lr.coef_[0, 0]), float(lr.intercept_[0])
+    return (a, b) if a > 0 else (1.0, 0.0)
+
+
 @dataclass
 class Calibration:
     emb: dict                      # isotonic breakpoints of the cosine
@@ -101,6 +126,7 @@ class Calibration:
     fusion: str = "mean"           # how the two probabilities combine (fuse_probabilities)
     lnbnn: dict | None = None      # isotonic breakpoints of the LNBNN score (None: not used)
     share: float = 0.0             # LNBNN's share of the local evidence (the rest: the inlier count)
+    platt: tuple = (1.0, 0.0)      # fused score -> P(same individual): sigmoid(a logit(score) + b)
 
     def p_emb(self, cos) -> np.ndarray:
         return apply_isotonic(self.emb, cos)
@@ -123,14 +149,27 @@ class Calibration:
             p_local = fuse_probabilities(p_local, self.p_lnbnn(lnbnn), sh, self.fusion)
         return fuse_probabilities(self.p_emb(cos), p_local, w, self.fusion)
 
+    def probability(self, score) -> np.ndarray:
+        """P(same individual) of a fused score (:meth:`fuse`). The fused score ranks, but a weighted
+        mean of agreeing probabilities is under-confident (three sources saying 0.9 are surer than
+        one), so validation refits it (:func:`fit_platt`). Strictly increasing: every ranking and
+        every cut keeps its order; what changes is that a probability of 0.9 means 9 in 10. The new_whale
+        threshold, stage 05's confidence and --predict's probability are on this scale."""
+        a, b = self.platt
+        if (a, b) == (1.0, 0.0):  # (files from before the recalibration: the score as it was)
+            return np.asarray(score, np.float64)
+        return 1.0 / (1.0 + np.exp(-(a * _logit(score) + b)))
+
     def to_dict(self) -> dict:
         return {"emb": self.emb, "local": self.local, "lnbnn": self.lnbnn, "weight": self.weight, "share": self.share,
-                "fusion": self.fusion, "new_whale_threshold": self.new_whale_threshold, "info": self.info}
+                "fusion": self.fusion, "platt": list(self.platt), "new_whale_threshold": self.new_whale_threshold,
+                "info": self.info}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":  # files from before rerank.fusion fused by the mean
         return cls(d["emb"], d["local"], float(d["weight"]), float(d["new_whale_threshold"]), d.get("info", {}),
-                   d.get("fusion", "mean"), d.get("lnbnn"), float(d.get("share", 0.0)))
+                   d.get("fusion", "mean"), d.get("lnbnn"), float(d.get("share", 0.0)),
+                   tuple(float(v) for v in d.get("platt", (1.0, 0.0))))
 
 
 def fit_calibration(cos, inliers, same, weight=None, local_rows=None, lnbnn=None) -> Calibration:
@@ -426,28 +465,37 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
             grid[(wt, sh)] = list_scores(f, i, ids[q], ids, n_rel, k)
     cal.weight, cal.share = max(grid, key=lambda g: (round(grid[g][rcfg["select_metric"]], 12), grid[g]["top1"],
                                                      -abs(g[0] - 0.5), -abs(g[1] - 0.5)))
+    fz = cal.fuse(x_cos, x_inl, lnbnn=x_lnb)  # the chosen fusion on every calibration pair
+    cal.platt = fit_platt(fz, y, w)
     out, per_query = {}, {}
     for name, wt in variants(cal.weight).items():
         f, i = reorder(cal.fuse(cos, inl, wt, lnb), idx)
         out[name] = list_scores(f, i, ids[q], ids, n_rel, k)
         per_query[name] = query_scores(relevance(ids[q], ids, i[:, :k]), n_rel, k)
-        out[name]["map5_nw"], out[name]["new_whale_threshold"] = _nw_scores(f, i, ids, truth)
+        out[name]["map5_nw"], out[name]["new_whale_threshold"] = _nw_scores(cal.probability(f), i, ids, truth)
+        if name == "fused":
+            ece = {"pairs": recalibration_errors(cal, fz, y, w),
+                   "best": recalibration_errors(cal, f[:, 0], relevance(ids[q], ids, i[:, :1])[:, 0])}
     cal.new_whale_threshold = out["fused"]["new_whale_threshold"]
     positive = y.astype(bool)
     report = {"n_queries": int(len(q)), "val_queries": rcfg["val_queries"], "n_held_out_queries": n_held_out,
               "shortlist": depth, "pairs_shortlist": int(valid.sum()),
               "pairs_random": int(len(rq)), "positives": int(positive.sum()), "weight_mode": fw, "weight": cal.weight,
               "lnbnn": lrows is not None, "share_mode": fs, "share": cal.share,
+              "platt": list(cal.platt), "calibration_error": {"val": ece},
               "grid": {(f"{g[0]}/{g[1]}" if lrows is not None else str(g[0])): {m: round(v, 5) for m, v in s.items()
                                                                                  if m != "n_queries"}
                        for g, s in grid.items()},
               "pairs": {"p_emb": cal.p_emb(x_cos).tolist(), "p_local": cal.p_local(x_inl).tolist(),
                         **({"p_lnbnn": cal.p_lnbnn(x_lnb).tolist()} if x_lnb is not None else {}),
+                        "fused_score": fz.tolist(),
                         "same": positive.tolist(), "weight": w.tolist()}}
     log(f"fusion weight {cal.weight:.2f} ({'chosen on validation' if fw == 'auto' else 'set'})"
         + (f", LNBNN share {cal.share:.2f} ({'chosen on validation' if fs == 'auto' else 'set'})" if lrows else "")
         + f" on {len(q)} queries ({n_held_out} of them photos of held-out identities); calibrated on {valid.sum()} "
-        f"shortlist + {len(rq)} random validation pairs ({positive.sum()} same individual)")
+        f"shortlist + {len(rq)} random validation pairs ({positive.sum()} same individual); fused probability "
+        f"= sigmoid({cal.platt[0]:.2f} logit(fused score) {cal.platt[1]:+.2f}): {format_recalibration(ece['best'])} "
+        f"on each query's best candidate")
     return cal, out, {**report, "sample": _sample_pairs(q, idx, inl, cal), "per_query": per_query}
 
 
@@ -513,6 +561,34 @@ def truth_relevance(img_idx, table, truth: pd.DataFrame, k: int, groups=None):
     return relevance(test_ids, all_ids, idx[:, :k]), relevant_counts(test_ids, all_ids, True, gr), test_ids, all_ids
 
 
+def recalibration_errors(cal: "Calibration", score, same, weight=None) -> dict:
+    """Calibration error (:func:`common.metrics.calibration_error`) of fused scores as they are and
+    as :meth:`Calibration.probability`, with the mean prediction and the observed share (weighted)."""
+    score, same = np.asarray(score, np.float64), np.asarray(same, np.float64)
+    p, wt = cal.probability(score), (np.ones(len(score)) if weight is None else np.asarray(weight, np.float64))
+    avg = (lambda v: float(np.average(v, weights=wt))) if len(score) else (lambda v: 0.0)
+    return {"before": calibration_error(score, same, wt), "after": calibration_error(p, same, wt),
+            "mean_score": round(avg(score), 4), "mean_probability": round(avg(p), 4),
+            "observed": round(avg(same), 4), "n": int(len(score))}
+
+
+def format_recalibration(e: dict) -> str:
+    return (f"mean fused score {e['mean_score']:.3f} / probability {e['mean_probability']:.3f} against "
+            f"{e['observed']:.3f} observed, calibration error {e['before']:.3f} -> {e['after']:.3f}")
+
+
+def test_recalibration(cal: "Calibration", fused, idx, rel) -> dict:
+    """:func:`recalibration_errors` on the image-mode test lists against the withheld truth (``rel`` =
+    :func:`truth_relevance`), pairs validation never saw: every (query, candidate) pair, and each
+    query's best candidate."""
+    _, _, test_ids, all_ids = rel
+    idx, fused = np.asarray(idx), np.asarray(fused)
+    same = relevance(test_ids, all_ids, idx)
+    ok = idx >= 0
+    return {"pairs": recalibration_errors(cal, fused[ok], same[ok]),
+            "best": recalibration_errors(cal, fused[ok[:, 0], 0], same[ok[:, 0], 0])}
+
+
 def score_test(rel, id_preds, table, k: int) -> dict:
     """How the re-ranked submissions score against the withheld truth; ``rel`` = :func:`truth_relevance`
     of the image-mode lists."""
@@ -545,12 +621,14 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
     for name, wt in variants(cal.weight).items():
         f1, i1, f2, i2 = fused_lists(cal, cands, wt)
         thr[name] = val[name]["new_whale_threshold"]
-        preds = id_predictions(f2, i2, table, thr[name], fallback_ids, cfg["search"]["id_k"])
+        preds = id_predictions(cal.probability(f2), i2, table, thr[name], fallback_ids, cfg["search"]["id_k"])
         scores[name] = {"val": val[name]}
         if truth is not None:
             rel = truth_relevance(i1, table, truth, k, groups)
             scores[name]["test"] = score_test(rel, preds, table, k)
             per_query["test"][name] = query_scores(rel[0], rel[1], k)
+            if name == "fused":
+                report["calibration_error"]["test"] = test_recalibration(cal, f1, i1, rel)
         if name == "fused":
             lists = {"image_idx": i1[:, :k], "id_preds": preds, "threshold": thr[name]}
     report["seconds"] = {**{k_: round(v, 1) for k_, v in scorer.seconds.items()},
@@ -572,6 +650,9 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
             f"photos of identities held out of training, rerank.val_queries: {r['val_queries']}); the embedding "
             f"alone on those: map20 {e['map20']:.4f}, top1 {e['top1']:.4f}, hit20 {e['hit20']:.4f}")
     note += "".join(f"\n{format_differences(d, where)}" for where, d in report["differences"].items())
+    if "test" in report["calibration_error"]:
+        note += (f"\nfused probability of each test query's best candidate (withheld truth): "
+                 f"{format_recalibration(report['calibration_error']['test']['best'])}")
     return {"calibration": cal, "scores": scores, "note": note, "seconds": report["seconds"],
             "differences": report["differences"], **lists}
 
@@ -621,9 +702,12 @@ def reliability_plot(pairs: dict, cal: Calibration, dest, bins: int = 10):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     edges = np.linspace(0, 1, bins + 1)
     p_loc = pl if pn is None else fuse_probabilities(pl, pn, cal.share, cal.fusion)
+    fz = np.asarray(pairs["fused_score"]) if "fused_score" in pairs else fuse_probabilities(pe, p_loc, cal.weight, cal.fusion)
+    fused = f"fused (w={cal.weight:.2f}" + (f", s={cal.share:.2f}" if pn is not None else "")
     curves = [("embedding", pe), ("local: inliers", pl)] + ([("local: LNBNN", pn)] if pn is not None else []) + [
-        (f"fused (w={cal.weight:.2f}" + (f", s={cal.share:.2f})" if pn is not None else ")"),
-         fuse_probabilities(pe, p_loc, cal.weight, cal.fusion))]
+        (fused + ")", cal.probability(fz))]
+    if tuple(cal.platt) != (1.0, 0.0):
+        curves.append((fused + ", score before recalibration)", fz))
     for name, p in curves:
         which = np.clip(np.digitize(p, edges) - 1, 0, bins - 1)
         xs, ys = [], []
@@ -632,7 +716,7 @@ def reliability_plot(pairs: dict, cal: Calibration, dest, bins: int = 10):
             if w[m].sum() > 0:
                 xs.append(np.average(p[m], weights=w[m]))
                 ys.append(np.average(y[m], weights=w[m]))
-        a.plot(xs, ys, "o-", label=name)
+        a.plot(xs, ys, "o:" if "before" in name else "o-", label=name)
     a.plot([0, 1], [0, 1], "k--", lw=1)
     a.set_xlabel("predicted P(same individual)")
     a.set_ylabel("observed share (validation pairs, weighted)")
@@ -700,7 +784,7 @@ def fused_nearest_identities(emb, table, scorer: LocalScorer, cal: Calibration, 
     f, idx = reorder(cal.fuse(s, inl, lnbnn=lnb), idx)
     from .pseudo import padded
 
-    return padded(*rank_identities(f, idx, table["Id"].to_numpy(object), n=n), n)
+    return padded(*rank_identities(cal.probability(f), idx, table["Id"].to_numpy(object), n=n), n)
 
 
 def lnbnn_candidates(scorer: LocalScorer, cal: Calibration, db_rows, q_keys, emb, q_vec, cos, idx):

@@ -11,9 +11,12 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 # ultralytics writes a settings file at import time: keep it out of the user's ~/.config.
 if "YOLO_CONFIG_DIR" not in os.environ:
+    import atexit
+    import shutil
     import tempfile
 
     os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="yolo-cfg-")
+    atexit.register(shutil.rmtree, os.environ["YOLO_CONFIG_DIR"], ignore_errors=True)  # not one per run left in /tmp
 
 
 import pytest  # noqa: E402

@@ -177,3 +177,46 @@ def test_local_calibration_on_shortlist_pairs_ignores_the_random_pairs_beyond():
     assert shortlist_only.local == fit_isotonic(sl_inl, sl_same)
     assert shortlist_only.emb == ranking.emb                                  # the cosine keeps the whole ranking
     assert shortlist_only.p_local([3])[0] > ranking.p_local([3])[0]          # a few inliers count for more
+
+
+def test_recalibrated_fused_probability_keeps_every_ranking_and_means_what_it_says():
+    from common.metrics import calibration_error
+    from common.rerank import fit_platt
+
+    rng = np.random.default_rng(4)
+    z = rng.normal(scale=1.5, size=6000)
+    same = rng.random(6000) < 1 / (1 + np.exp(-(2.5 * z + 2.0)))   # the truth is surer than the score says
+    score = 1 / (1 + np.exp(-z))                                      # an under-confident fused score
+    cal = Calibration({"x": [0.0, 1.0], "y": [0.0, 1.0]}, {"x": [0.0, 10.0], "y": [0.0, 1.0]}, 0.5, fusion="logodds")
+    cal.platt = fit_platt(score, same)
+    assert cal.platt[0] == pytest.approx(2.5, abs=0.3) and cal.platt[1] == pytest.approx(2.0, abs=0.3)
+    p = cal.probability(score)
+    assert calibration_error(score, same) > 0.15 > 0.03 > calibration_error(p, same)
+    order = np.argsort(score)
+    assert (np.diff(p[order]) > 0).all(), "strictly increasing: rankings and cuts keep their order"
+    assert Calibration.from_dict(cal.to_dict()).platt == cal.platt
+    old = {k: v for k, v in cal.to_dict().items() if k != "platt"}  # a calibration.json from before: the score itself
+    np.testing.assert_array_equal(Calibration.from_dict(old).probability(score), score)
+    assert fit_platt(score, np.ones(6000, bool)) == (1.0, 0.0)         # one class: nothing to fit
+
+
+def test_validation_recalibrates_the_fused_probability_and_tunes_new_whale_on_it():
+    from common.rerank import validate
+
+    rng = np.random.default_rng(5)
+    n_ids, per = 12, 5
+    ids = np.repeat([f"w{i}" for i in range(n_ids)], per)
+    query = np.zeros(len(ids), int)
+    query[::per] = 1
+    emb = np.repeat(rng.normal(size=(n_ids, 16)), per, axis=0) + rng.normal(scale=1.5, size=(len(ids), 16))
+    table = pd.DataFrame({"split": "train", "Image": [f"{i}.jpg" for i in range(len(ids))], "Id": ids,
+                          "path": "", "is_query": query, "held_out": 0})
+    rcfg = {"shortlist": 10, "calib_random": 5, "seed": 0, "fusion_weight": 0.5, "select_metric": "map20",
+            "local_calibration": "ranking", "fusion": "logodds", "val_queries": "queries"}
+    cal, val, rep = validate(emb, table, _IdentityScorer(ids), rcfg, k=5, log=lambda *a: None)
+    assert cal.platt[0] > 1.0, "two agreeing sources, weighted half each, under-state a match"
+    best = rep["calibration_error"]["val"]["best"]
+    assert best["n"] == n_ids and best["after"] < best["before"]
+    assert best["mean_probability"] > best["mean_score"]
+    assert rep["platt"] == list(cal.platt) and len(rep["pairs"]["fused_score"]) == len(rep["pairs"]["same"])
+    assert cal.new_whale_threshold == val["fused"]["new_whale_threshold"]
