@@ -14,7 +14,7 @@ pseudo.keep_worse, and the member keeps the checkpoint it had.
 Writes pseudo/pseudo_labels.csv (Image,Id,score,margin), pseudo/report.json (counts, precision
 on validation and against the withheld truth when RAW has one, and `checkpoints`: the
 checkpoint per member that stage 06 uses) and report.png. --model NAME retrains only that member.
-With rerank.enabled the confidence is the fused probability (embedding + local-feature matching,
+With rerank.enabled the confidence is the fused score (embedding + local-feature matching,
 calibrated on local validation, pseudo/rerank_calibration.json) instead of the cosine.
 """
 import shutil

@@ -135,7 +135,7 @@ def label_test_images(emb, table: pd.DataFrame, candidates: pd.Series, pcfg: dic
     """One labelling pass over the database embedding ``emb`` (rows of ``table``, train rows in
     clean/train.csv order). Returns ``(labels, info, curve, test_best_sims)``; ``info`` holds the
     threshold used and the precision/count it gives on the validation queries. ``nearest(q_rows,
-    db_rows)`` -> ``(ids, scores)`` replaces the cosine ranking (e.g. the fused probability of
+    db_rows)`` -> ``(ids, scores)`` replaces the cosine ranking (e.g. the fused score of
     :func:`common.rerank.fused_ranker`); threshold and margin then apply to its scores."""
     train = np.flatnonzero((table["split"] == "train").to_numpy())
     test = np.flatnonzero((table["split"] == "test").to_numpy())
@@ -239,7 +239,7 @@ def run_rounds(cfg: dict, paths, names: list[str], chosen: list[str], start: dic
         table, embs = embed_fn(cfg, paths, names, lambda n: current[n])
         emb = meta_embedding([embs[n] for n in names])  # equal weights: `ensemble:` is stage 06's alone
         nearest = None
-        if cfg["rerank"]["enabled"]:  # confidence = fused probability of embedding + local matching
+        if cfg["rerank"]["enabled"]:  # confidence = fused score of embedding + local matching
             from .rerank import fused_ranker
 
             nearest, cal, _ = fused_ranker(cfg, paths, table, emb)

@@ -154,7 +154,7 @@ class Calibration:
         mean of agreeing probabilities is under-confident (three sources saying 0.9 are surer than
         one), so validation refits it (:func:`fit_platt`). Strictly increasing: every ranking and
         every cut keeps its order; what changes is that a probability of 0.9 means 9 in 10. The new_whale
-        threshold, stage 05's confidence and --predict's probability are on this scale."""
+        threshold and --predict's probability are on this scale (stage 05 keeps the score)."""
         a, b = self.platt
         if (a, b) == (1.0, 0.0):  # (files from before the recalibration: the score as it was)
             return np.asarray(score, np.float64)
@@ -771,8 +771,8 @@ def matches_plot(scorer: LocalScorer, table: pd.DataFrame, pairs, dest):
 # ---- 05 and --predict -------------------------------------------------------------------------------
 def fused_nearest_identities(emb, table, scorer: LocalScorer, cal: Calibration, q_rows, db_rows, depth: int,
                              n: int = 2, q_keys=None, q_emb=None):
-    """Best ``n`` known identities per query scored by the fused probability of their best image
-    in the re-ranked shortlist: ``(ids (nq, n) object, probs (nq, n); '' / -inf where fewer)``."""
+    """Best ``n`` known identities per query scored by the fused score of their best image in the
+    re-ranked shortlist: ``(ids (nq, n) object, scores (nq, n); '' / -inf where fewer)``."""
     db_rows = np.asarray(db_rows, np.int64)
     e = l2_normalize(emb)
     qe = e[np.asarray(q_rows, np.int64)] if q_emb is None else l2_normalize(q_emb)
@@ -784,7 +784,8 @@ def fused_nearest_identities(emb, table, scorer: LocalScorer, cal: Calibration, 
     f, idx = reorder(cal.fuse(s, inl, lnbnn=lnb), idx)
     from .pseudo import padded
 
-    return padded(*rank_identities(cal.probability(f), idx, table["Id"].to_numpy(object), n=n), n)
+    # the score, not cal.probability: pseudo.margin was measured there (README "recalibrated")
+    return padded(*rank_identities(f, idx, table["Id"].to_numpy(object), n=n), n)
 
 
 def lnbnn_candidates(scorer: LocalScorer, cal: Calibration, db_rows, q_keys, emb, q_vec, cos, idx):
