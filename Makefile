@@ -111,8 +111,9 @@ report: | $(VENV_OK)  ## (re)write DATA/report/index.html: one page with every s
 03 04 05: | $(VENV_OK)
 	$(TRAIN_PY) $(wildcard $@_*.py) $(ARGS) $(if $(MODEL),--model $(MODEL))
 
+# a passing test's tmp_path is removed (a run writes ~2.7 GB of checkpoints and crops; pytest kept the last three)
 test: $(VENV_OK) browser  ## run the test suite (unit tests, doctests, CI-sized stage runs, the report in Chromium)
-	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules tests common
+	$(PY) -m pytest -q -p no:cacheprovider -o tmp_path_retention_policy=failed --doctest-modules tests common
 
 # The report's browser test needs Chromium: found on PATH, else installed from Debian's packages
 # where this user may (root with apt-get); otherwise that one test is skipped with the reason.
