@@ -13,7 +13,8 @@ issues' targets:
   on the same local validation, so that "crops help" and "pretraining helps" are measured.
 
 * re-ranking: fused (embedding + local features) >= the better of embedding-only and local-only on
-  the withheld truth (MAP@20 and top-1), from stage 06's scores;
+  the withheld truth (MAP@20 and top-1), from stage 06's scores; the recalibrated fused probability
+  of each test query's best candidate no worse calibrated than the fused score it comes from;
 * with ``--rerank-speed`` (on an existing DATA, nothing rerun): local features of the test
   queries and their shortlists computed afresh (empty cache) and each test query matched against
   its ``rerank.shortlist`` candidates; target <= 2 min for the demo's 200 x 100 on 2 cores.
@@ -165,7 +166,13 @@ def main() -> int:
             checks[f"rerank: fused test {m} >= max(embedding, local)"] = sc[f"{final}+fused"]["test"][m] >= best
         res["rerank_test"] = {v: sc[v]["test"] for v in (final, f"{final}+local", f"{final}+fused")}
         if paths.rerank_report.exists():  # fused - local / embedding with their bootstrap intervals (noise or not)
-            res["rerank_test_differences"] = json.loads(paths.rerank_report.read_text()).get("differences", {}).get("test")
+            rep = json.loads(paths.rerank_report.read_text())
+            res["rerank_test_differences"] = rep.get("differences", {}).get("test")
+            best = rep.get("calibration_error", {}).get("test", {}).get("best")
+            if best:  # each test query's best candidate: the recalibrated probability against the raw score
+                res["rerank_test_calibration_error"] = best
+                checks["rerank: fused probability's calibration error (test best candidates) <= the score's"] = \
+                    best["after"] <= best["before"]
 
     if args.variants:
         n = names[0]
