@@ -577,7 +577,7 @@ def format_recalibration(e: dict) -> str:
             f"{e['observed']:.3f} observed, calibration error {e['before']:.3f} -> {e['after']:.3f}")
 
 
-def test_recalibration(cal: "Calibration", fused, idx, rel) -> dict:
+def truth_recalibration(cal: "Calibration", fused, idx, rel) -> dict:
     """:func:`recalibration_errors` on the image-mode test lists against the withheld truth (``rel`` =
     :func:`truth_relevance`), pairs validation never saw: every (query, candidate) pair, and each
     query's best candidate."""
@@ -628,7 +628,7 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
             scores[name]["test"] = score_test(rel, preds, table, k)
             per_query["test"][name] = query_scores(rel[0], rel[1], k)
             if name == "fused":
-                report["calibration_error"]["test"] = test_recalibration(cal, f1, i1, rel)
+                report["calibration_error"]["test"] = truth_recalibration(cal, f1, i1, rel)
         if name == "fused":
             lists = {"image_idx": i1[:, :k], "id_preds": preds, "threshold": thr[name]}
     report["seconds"] = {**{k_: round(v, 1) for k_, v in scorer.seconds.items()},
