@@ -475,7 +475,7 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
         out[name]["map5_nw"], out[name]["new_whale_threshold"] = _nw_scores(cal.probability(f), i, ids, truth)
         if name == "fused":
             ece = {"pairs": recalibration_errors(cal, fz, y, w),
-                   "best": recalibration_errors(cal, f[:, 0], relevance(ids[q], ids, i[:, :1])[:, 0])}
+                   "best": recalibration_errors(cal, f[:, 0], per_query[name]["top1"])}
     cal.new_whale_threshold = out["fused"]["new_whale_threshold"]
     positive = y.astype(bool)
     report = {"n_queries": int(len(q)), "val_queries": rcfg["val_queries"], "n_held_out_queries": n_held_out,
@@ -701,8 +701,7 @@ def reliability_plot(pairs: dict, cal: Calibration, dest, bins: int = 10):
     pn = np.asarray(pairs["p_lnbnn"]) if "p_lnbnn" in pairs else None
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     edges = np.linspace(0, 1, bins + 1)
-    p_loc = pl if pn is None else fuse_probabilities(pl, pn, cal.share, cal.fusion)
-    fz = np.asarray(pairs["fused_score"]) if "fused_score" in pairs else fuse_probabilities(pe, p_loc, cal.weight, cal.fusion)
+    fz = np.asarray(pairs["fused_score"])  # the chosen fusion of each pair, as validate computed it
     fused = f"fused (w={cal.weight:.2f}" + (f", s={cal.share:.2f}" if pn is not None else "")
     curves = [("embedding", pe), ("local: inliers", pl)] + ([("local: LNBNN", pn)] if pn is not None else []) + [
         (fused + ")", cal.probability(fz))]
