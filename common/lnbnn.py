@@ -11,6 +11,9 @@ descriptor (its closest). The score of an image is the sum over the query's desc
 
 It finds candidates the embedding ranks far away (``rerank.lnbnn_candidates`` are added to
 each shortlist) and gives every pair a third score that :mod:`common.rerank` calibrates and fuses.
+Each query descriptor's normaliser also weighs the pair's geometric inliers (:func:`verified_score`,
+HotSpotter's spatially verified score, ``rerank.inlier_score: lnbnn``): an inlier on a label or
+pattern many database images share counts ~0 where an inlier count counts it 1.
 Descriptors of the query's own image (``exclude``) are skipped. The index is a faiss IVF over
 the database's RootSIFT descriptors (exact search below ``FLAT_BELOW`` descriptors); above
 ``SQ8_ABOVE`` (1 GB of float32) its lists hold 8-bit codes, 128 bytes a descriptor (500 keypoints x
@@ -27,8 +30,9 @@ SQ8_ABOVE = 2_000_000  # descriptors: IVF lists hold 8-bit codes instead of floa
 NPROBE = 16
 
 
-def lnbnn_scores(dist2, nbr, owner, n_images: int, k: int = 4, exclude: int | None = None) -> np.ndarray:
-    """LNBNN score of each image from one query's neighbour lists.
+def lnbnn_scores(dist2, nbr, owner, n_images: int, k: int = 4, exclude: int | None = None, return_norms: bool = False):
+    """LNBNN score of each image from one query's neighbour lists (and, with ``return_norms``, each
+    query descriptor's normaliser distance ``d_norm``, 0 where it has fewer than ``k + 1`` neighbours).
 
     ``dist2`` / ``nbr``: ``(n_descriptors, m)`` squared distances and database descriptor ids
     (-1 = none), nearest first, ``m > k``; ``owner[id]`` = the image a database descriptor belongs
@@ -41,21 +45,46 @@ def lnbnn_scores(dist2, nbr, owner, n_images: int, k: int = 4, exclude: int | No
     [1.0, 2.0, 0.0, 0.0]
     >>> lnbnn_scores(d2, np.array([[2, 0, 1, 3]]), owner, 4, k=2, exclude=1).tolist()  # 1 skipped: norm 4
     [2.0, 0.0, 0.0, 0.0]
+    >>> lnbnn_scores(d2, np.array([[2, 0, 1, 3]]), owner, 4, k=2, return_norms=True)[1].tolist()
+    [3.0]
     """
     nbr = np.asarray(nbr, np.int64)
     o = np.where(nbr >= 0, np.asarray(owner)[np.clip(nbr, 0, None)], -1)
     keep = (nbr >= 0) & ((o != exclude) if exclude is not None else True)
     cum = np.cumsum(keep, axis=1)
-    ok = cum[:, -1] >= k + 1 if cum.size else np.zeros(0, bool)
+    ok = cum[:, -1] >= k + 1 if cum.size else np.zeros(len(nbr), bool)
+    norms = np.zeros(len(nbr), np.float32)
     if not ok.any():
-        return np.zeros(n_images, np.float32)
+        z = np.zeros(n_images, np.float32)
+        return (z, norms) if return_norms else z
     d = np.sqrt(np.maximum(np.asarray(dist2, np.float64)[ok], 0.0))
     o, keep, cum = o[ok], keep[ok], cum[ok]
     norm = d[np.arange(len(d)), np.argmax(keep & (cum == k + 1), axis=1)]
+    norms[ok] = norm
     r, c = np.nonzero(keep & (cum <= k))
     own, w = o[r, c], np.maximum(norm[r] - d[r, c], 0.0)
     _, first = np.unique(r * np.int64(n_images) + own, return_index=True)  # closest neighbour per image
-    return np.bincount(own[first], weights=w[first], minlength=n_images).astype(np.float32)
+    out = np.bincount(own[first], weights=w[first], minlength=n_images).astype(np.float32)
+    return (out, norms) if return_norms else out
+
+
+def verified_score(q_desc, c_desc, pairs, norms) -> float:
+    """HotSpotter's spatially verified LNBNN score of one (query, candidate) pair: each geometric
+    inlier ``(query keypoint, candidate keypoint)`` of ``pairs`` counts ``max(d_norm - d, 0)``, ``d``
+    its descriptor distance and ``d_norm`` the query descriptor's LNBNN normaliser against the whole
+    database (``norms``, from :func:`lnbnn_scores`). An inlier on something many images share (a
+    text label, a timestamp, a padding corner, water) counts ~0, one on a mark only this candidate
+    has counts a lot; an inlier count weighs them alike.
+
+    >>> q = np.eye(3, 128, dtype=np.float32); c = q.copy(); c[1, 1] = 0.6   # keypoint 1 matches less well
+    >>> round(verified_score(q, c, np.array([[0, 0], [1, 1], [2, 2]]), np.array([0.5, 0.5, 0.0])), 3)
+    0.6
+    """
+    pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+    if not len(pairs):
+        return 0.0
+    d = np.linalg.norm(np.asarray(q_desc, np.float32)[pairs[:, 0]] - np.asarray(c_desc, np.float32)[pairs[:, 1]], axis=1)
+    return float(np.maximum(np.asarray(norms, np.float32)[pairs[:, 0]] - d, 0.0).sum())
 
 
 class DescriptorIndex:
@@ -93,12 +122,14 @@ class DescriptorIndex:
             self.index.nprobe = NPROBE
         self.index.add(x)
 
-    def scores(self, desc, exclude: int | None) -> np.ndarray:
-        """LNBNN score ``(n_images,)`` of every image for one query's descriptors (0 off the database)."""
+    def scores(self, desc, exclude: int | None, return_norms: bool = False):
+        """LNBNN score ``(n_images,)`` of every image for one query's descriptors (0 off the database);
+        with ``return_norms`` also each descriptor's normaliser distance (:func:`lnbnn_scores`)."""
         desc = np.ascontiguousarray(np.asarray(desc, np.float32))
         if not len(desc) or not self.n:
-            return np.zeros(self.n_images, np.float32)
+            z = np.zeros(self.n_images, np.float32)
+            return (z, np.zeros(len(desc), np.float32)) if return_norms else z
         # neighbours enough for k + 1 after skipping the query's own descriptors (one image's worth at most)
         m = min(self.n, self.k + 1 + (16 if exclude is not None else 0))
         d2, nbr = self.index.search(desc, m)
-        return lnbnn_scores(d2, nbr, self.owner, self.n_images, self.k, exclude)
+        return lnbnn_scores(d2, nbr, self.owner, self.n_images, self.k, exclude, return_norms)

@@ -213,44 +213,49 @@ def match_pair(a: Features, b: Features, ratio: float = 0.8, threshold: float = 
 
 def match_many(feats: Sequence[Features], pairs: Sequence[tuple[int, int]], ratio: float = 0.8,
                threshold: float = 5.0, method: str = "magsac", min_matches: int = 6, threads: int = 2,
-               progress: bool = True, desc: str = "local matching", geometry: str = "affine") -> np.ndarray:
-    """Inlier counts of ``pairs`` (query feature index, candidate feature index), threaded."""
+               progress: bool = True, desc: str = "local matching", geometry: str = "affine") -> list[np.ndarray]:
+    """The inliers ``(n, 2)`` (query keypoint, candidate keypoint) of each of ``pairs`` (query
+    feature index, candidate feature index), threaded; ``len`` of each is the inlier count."""
     from tqdm import tqdm
 
     def one(p):
-        return match_pair(feats[p[0]], feats[p[1]], ratio, threshold, method, min_matches, geometry=geometry)
+        return match_pair(feats[p[0]], feats[p[1]], ratio, threshold, method, min_matches, True, geometry)[1]
 
     with ThreadPoolExecutor(max(1, int(threads))) as pool:
         it = pool.map(one, pairs, chunksize=64)
-        out = list(tqdm(it, total=len(pairs), desc=desc, disable=not progress or not len(pairs), mininterval=1.0))
-    return np.asarray(out, dtype=np.int32)
+        return list(tqdm(it, total=len(pairs), desc=desc, disable=not progress or not len(pairs), mininterval=1.0))
 
 
 class PairCache:
-    """Inlier counts of matched pairs on disk, keyed by a 64-bit digest of both images' feature
-    keys (path, mtime, size, extraction settings) and the matching settings: a changed crop or
-    setting is simply a new key. Pairs of uncached features (empty key) are never stored.
+    """The inliers of matched pairs on disk (each pair's ``(n, 2)`` keypoint index pairs, so that
+    both the inlier count and HotSpotter's verified LNBNN score can be made from them), keyed by a
+    64-bit digest of both images' feature keys (path, mtime, size, extraction settings) and the
+    matching settings: a changed crop or setting is simply a new key. Pairs of uncached features
+    (empty key) are never stored.
 
     >>> import tempfile
     >>> d = tempfile.mkdtemp()
     >>> a, b = Features(np.zeros((0, 2)), np.zeros((0, 128)), 1.0, "a"), Features(np.zeros((0, 2)), np.zeros((0, 128)), 1.0, "b")
     >>> c = PairCache(Path(d) / "pairs.npz", {"ratio": 0.8})
-    >>> c.put([(a, b)], [7]); c.save(); PairCache(Path(d) / "pairs.npz", {"ratio": 0.8}).get([(a, b), (b, a)])
-    [7, None]
+    >>> c.put([(a, b)], [np.array([[3, 4], [5, 6]])]); c.save()
+    >>> got = PairCache(Path(d) / "pairs.npz", {"ratio": 0.8}).get([(a, b), (b, a)])
+    >>> got[0].tolist(), got[1]
+    ([[3, 4], [5, 6]], None)
     >>> PairCache(Path(d) / "pairs.npz", {"ratio": 0.7}).get([(a, b)])
     [None]
     """
 
     def __init__(self, path, settings: dict):
         self.path, self.dirty = Path(path), False
-        self.salt = json.dumps({**settings, "v": 1}, sort_keys=True, default=str)
-        self.scores: dict[int, int] = {}
+        self.salt = json.dumps({**settings, "v": 2}, sort_keys=True, default=str)
+        self.inliers: dict[int, np.ndarray] = {}
         if self.path.exists():
             try:
                 with np.load(self.path, allow_pickle=False) as z:
-                    self.scores = dict(zip(z["ids"].tolist(), z["inliers"].tolist()))
-            except (OSError, KeyError, ValueError):  # unreadable: start afresh
-                self.scores = {}
+                    ids, off, kp = z["ids"], z["offsets"], z["keypoints"]
+                self.inliers = {int(i): kp[off[j]:off[j + 1]] for j, i in enumerate(ids.tolist())}
+            except (OSError, KeyError, ValueError):  # unreadable or a count-only file of before: start afresh
+                self.inliers = {}
 
     def _id(self, a: Features, b: Features) -> int | None:
         import hashlib
@@ -261,26 +266,29 @@ class PairCache:
         return int.from_bytes(h, "little") >> 1  # fits int64
 
     def get(self, pairs) -> list:
-        """Cached inlier count of each ``(a, b)`` Features pair, or None."""
+        """Cached inliers ``(n, 2)`` of each ``(a, b)`` Features pair, or None."""
         out = []
         for a, b in pairs:
             i = self._id(a, b)
-            out.append(None if i is None else self.scores.get(i))
+            out.append(None if i is None else self.inliers.get(i))
         return out
 
     def put(self, pairs, inliers) -> None:
-        for (a, b), n in zip(pairs, inliers):
+        for (a, b), m in zip(pairs, inliers):
             i = self._id(a, b)
             if i is not None:
-                self.scores[i] = int(n)
+                self.inliers[i] = np.asarray(m, np.int32).reshape(-1, 2)
                 self.dirty = True
 
     def save(self) -> None:
         if not self.dirty:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        ids = np.fromiter(self.scores.keys(), np.int64, len(self.scores))
+        ids = np.fromiter(self.inliers.keys(), np.int64, len(self.inliers))
+        kps = list(self.inliers.values())
+        off = np.concatenate([[0], np.cumsum([len(m) for m in kps])]).astype(np.int64)
+        kp = np.concatenate(kps).astype(np.int32) if kps else np.zeros((0, 2), np.int32)
         with atomic_path(self.path) as tmp:
             with open(tmp, "wb") as fh:
-                np.savez(fh, ids=ids, inliers=np.fromiter(self.scores.values(), np.int32, len(self.scores)))
+                np.savez(fh, ids=ids, offsets=off, keypoints=kp.reshape(-1, 2))
         self.dirty = False

@@ -141,9 +141,9 @@ def _reranked(cfg, paths, table, db_emb, q_emb, inputs, tmp: Path, top_k: int):
     scorer = LocalScorer(table, r, paths.features_dir, progress=False)
     keys = [("photo", i) for i in range(len(inputs))]
     scorer.add(keys, [("predict", f"{i:05d}_{Path(p).name}", str(p)) for i, p in enumerate(inputs)], tmp / "features")
-    cos, idx, lnb = lnbnn_candidates(scorer, cal, np.arange(len(table)), keys, db_emb, q_emb, cos, idx)
-    inl = scorer.scores(keys, idx)
-    score, order = reorder(cal.fuse(cos, inl, lnbnn=lnb), idx)
+    cos, idx, lnb, norms = lnbnn_candidates(scorer, cal, np.arange(len(table)), keys, db_emb, q_emb, cos, idx)
+    score, order = reorder(cal.fuse(cos, scorer.scores(keys, idx, norms=norms), lnbnn=lnb), idx)
+    inl = scorer.scores(keys, idx)  # the inlier counts people read (the pairs are matched: no work)
     prob = cal.probability(score)
     pos = [[list(row).index(c) for c in o] for row, o in zip(idx, order)]
     cos = np.take_along_axis(cos, np.array(pos, np.int64).reshape(idx.shape), 1)

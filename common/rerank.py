@@ -31,6 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .config import ConfigError
+from .lnbnn import verified_score
 from .local_features import GEOMETRIES, METHODS, PairCache, compute_features, match_many, match_pair
 from .evaluation import seen_unseen
 from .metrics import NEW_WHALE, calibration_error, image_scores, kaggle_map5, paired_bootstrap, query_scores, relevance, subset_scores
@@ -119,7 +120,7 @@ def fit_platt(score, y, weight=None) -> tuple[float, float]:
 @dataclass
 class Calibration:
     emb: dict                      # isotonic breakpoints of the cosine
-    local: dict                    # ... of the inlier count
+    local: dict                    # ... of the inlier score (inlier_score)
     weight: float = 0.5            # share of the local probability in the fused score
     new_whale_threshold: float = 0.5
     info: dict = field(default_factory=dict)
@@ -127,6 +128,7 @@ class Calibration:
     lnbnn: dict | None = None      # isotonic breakpoints of the LNBNN score (None: not used)
     share: float = 0.0             # LNBNN's share of the local evidence (the rest: the inlier count)
     platt: tuple = (1.0, 0.0)      # fused score -> P(same individual): sigmoid(a logit(score) + b)
+    inlier_score: str = "count"    # what `local` calibrates: count = inliers, lnbnn = their verified LNBNN score
 
     def p_emb(self, cos) -> np.ndarray:
         return apply_isotonic(self.emb, cos)
@@ -162,14 +164,19 @@ class Calibration:
 
     def to_dict(self) -> dict:
         return {"emb": self.emb, "local": self.local, "lnbnn": self.lnbnn, "weight": self.weight, "share": self.share,
-                "fusion": self.fusion, "platt": list(self.platt), "new_whale_threshold": self.new_whale_threshold,
-                "info": self.info}
+                "fusion": self.fusion, "platt": list(self.platt), "inlier_score": self.inlier_score,
+                "new_whale_threshold": self.new_whale_threshold, "info": self.info}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":  # files from before rerank.fusion fused by the mean
         return cls(d["emb"], d["local"], float(d["weight"]), float(d["new_whale_threshold"]), d.get("info", {}),
                    d.get("fusion", "mean"), d.get("lnbnn"), float(d.get("share", 0.0)),
-                   tuple(float(v) for v in d.get("platt", (1.0, 0.0))))
+                   tuple(float(v) for v in d.get("platt", (1.0, 0.0))), d.get("inlier_score", "count"))
+
+    def norms(self, lrows: "LnbnnRows | None"):
+        """What :meth:`LocalScorer.scores` needs to make the inlier score this calibration maps:
+        the queries' LNBNN normalisers (verified LNBNN score), or None (inlier count)."""
+        return lrows.norms if (self.inlier_score == "lnbnn" and lrows is not None) else None
 
 
 def fit_calibration(cos, inliers, same, weight=None, local_rows=None, lnbnn=None) -> Calibration:
@@ -184,6 +191,7 @@ def fit_calibration(cos, inliers, same, weight=None, local_rows=None, lnbnn=None
 
 
 LOCAL_CALIBRATION = ("shortlist", "ranking")
+INLIER_SCORES = ("auto", "count", "lnbnn")
 
 
 def reorder(scores, idx, order_key=None):
@@ -239,8 +247,10 @@ class LocalScorer:
             t = self.table
             self.add(need, [(t["split"].iat[r], t["Image"].iat[r], t["path"].iat[r]) for r in need])
 
-    def scores(self, q_keys, idx, desc: str = "local matching") -> np.ndarray:
-        """Inlier counts ``(nq, S)`` of query key q_keys[i] vs table rows idx[i] (0 for padding)."""
+    def scores(self, q_keys, idx, desc: str = "local matching", norms=None) -> np.ndarray:
+        """Inlier counts ``(nq, S)`` of query key q_keys[i] vs table rows idx[i] (0 for padding); with
+        ``norms`` (query i's LNBNN normaliser per descriptor, :attr:`LnbnnRows.norms`) the verified
+        LNBNN scores of those inliers instead (:func:`common.lnbnn.verified_score`, float)."""
         idx = np.asarray(idx, np.int64)
         self.ensure(idx)
         self.ensure([k for k in q_keys if isinstance(k, (int, np.integer))])
@@ -255,14 +265,19 @@ class LocalScorer:
         todo = [p for p, n in zip(todo, known) if n is None]
         got = match_many(flist, [(where[a], where[b]) for a, b in todo], r["ratio"], r["ransac_threshold"],
                          r["method"], r["min_matches"], r["threads"], self.progress, desc, r["geometry"])
-        self.pairs.update(zip(todo, got.tolist()))
-        self.pair_cache.put([(self.feats[a], self.feats[b]) for a, b in todo], got.tolist())
+        self.pairs.update(zip(todo, got))
+        self.pair_cache.put([(self.feats[a], self.feats[b]) for a, b in todo], got)
         self.pair_cache.save()
         self.counts["pairs"] += len(todo)
         self.counts["pairs_cached"] += len(known) - len(todo)
         self.seconds["matching"] += time.perf_counter() - t
-        return np.array([[self.pairs[(q, int(c))] if c >= 0 else 0 for c in row] for q, row in zip(q_keys, idx)],
-                        dtype=np.int32).reshape(idx.shape)
+        if norms is None:
+            return np.array([[len(self.pairs[(q, int(c))]) if c >= 0 else 0 for c in row] for q, row in zip(q_keys, idx)],
+                            dtype=np.int32).reshape(idx.shape)
+        qf = [self.feats[q] for q in q_keys]
+        return np.array([[verified_score(f.desc, self.feats[int(c)].desc, self.pairs[(q, int(c))], nm) if c >= 0 else 0.0
+                          for c in row] for q, f, nm, row in zip(q_keys, qf, norms, idx)],
+                        dtype=np.float32).reshape(idx.shape)
 
     def lnbnn_index(self, rows, k: int):
         """The descriptor index of database ``rows`` (built once per database and ``k``)."""
@@ -297,10 +312,11 @@ class LnbnnRows:
         index = scorer.lnbnn_index(db_rows, k)
         scorer.ensure([q for q in q_keys if isinstance(q, (int, np.integer))])
         t = time.perf_counter()
-        self.rows, self.vals = [], []
+        self.rows, self.vals, self.norms = [], [], []
         for q in tqdm(q_keys, desc=desc, disable=not scorer.progress or not len(q_keys), mininterval=1.0):
             own = int(q) if isinstance(q, (int, np.integer)) else None
-            sc = index.scores(scorer.feats[q].desc, own)
+            sc, nm = index.scores(scorer.feats[q].desc, own, return_norms=True)
+            self.norms.append(nm)
             if groups is not None and own is not None and groups[own]:
                 sc[groups == groups[own]] = 0.0
             nz = np.flatnonzero(sc > 0)
@@ -434,13 +450,14 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     if rcfg.get("lnbnn", False):  # (a bare rcfg of a unit test may leave the LNBNN keys out)
         lrows = LnbnnRows(scorer, tr, q.tolist(), int(rcfg["lnbnn_k"]), groups, "LNBNN (validation)")
         cos, idx, lnb = widen(lrows, emb, emb[q], cos, idx, int(rcfg["lnbnn_candidates"]))
-    inl = scorer.scores(q.tolist(), idx, "local matching (validation)")
+    score = _choice("inlier_score", rcfg.get("inlier_score", "count"), INLIER_SCORES)
+    # the verified score needs the LNBNN normalisers; auto tries both (the pairs are matched once)
+    options = ("count",) if lrows is None else ("count", "lnbnn") if score == "auto" else (score,)
     rq, rc, rcos, rw = calibration_pairs(emb, table, q, tr, idx, int(rcfg["calib_random"]), groups, int(rcfg["seed"]))
-    rinl = scorer.scores(rq.tolist(), rc[:, None], "local matching (calibration)")[:, 0] if len(rq) else np.zeros(0)
+    pos = {int(r): i for i, r in enumerate(q)}
     valid = idx >= 0
     same_sl = (ids[np.clip(idx, 0, None)] == ids[q][:, None]) & (ids[q][:, None] != NEW_WHALE) & valid
     x_cos = np.concatenate([cos[valid], rcos])
-    x_inl = np.concatenate([inl[valid], rinl])
     y = np.concatenate([same_sl[valid], (ids[rc] == ids[rq]) & (ids[rq] != NEW_WHALE)])
     w = np.concatenate([np.ones(int(valid.sum())), rw])
     # inliers are only ever counted for shortlist candidates: P_local is fitted there (shortlist) or,
@@ -448,23 +465,38 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     local_rows = np.arange(int(valid.sum())) if local_fit == "shortlist" else None
     x_lnb = None
     if lrows is not None:
-        pos = {int(r): i for i, r in enumerate(q)}
         x_lnb = np.concatenate([lnb[valid], lrows.pairs([pos[int(a)] for a in rq], rc)])
-    cal = fit_calibration(x_cos, x_inl, y, w, local_rows, x_lnb)
-    cal.fusion = _choice("fusion", rcfg["fusion"], FUSIONS)
     gr = None if groups is None else (groups[q], groups[tr])
     n_rel = relevant_counts(ids[q], ids[tr], True, gr)
     truth = [t if c > 0 else NEW_WHALE for t, c in zip(ids[q], n_rel)]
     fw, fs = rcfg["fusion_weight"], rcfg.get("lnbnn_share", "auto")
     weights = GRID if fw == "auto" else (float(fw),)
     shares = (GRID if fs == "auto" else (float(fs),)) if lrows is not None else (0.0,)
-    grid = {}
-    for wt in weights:
-        for sh in shares:
-            f, i = reorder(cal.fuse(cos, inl, wt, lnb, sh), idx)
-            grid[(wt, sh)] = list_scores(f, i, ids[q], ids, n_rel, k)
-    cal.weight, cal.share = max(grid, key=lambda g: (round(grid[g][rcfg["select_metric"]], 12), grid[g]["top1"],
-                                                     -abs(g[0] - 0.5), -abs(g[1] - 0.5)))
+    fusion = _choice("fusion", rcfg["fusion"], FUSIONS)
+
+    def rank_key(m: dict, g: tuple) -> tuple:
+        return round(m[rcfg["select_metric"]], 12), m["top1"], -abs(g[0] - 0.5), -abs(g[1] - 0.5)
+
+    fits = {}
+    for opt in options:
+        norms = lrows.norms if opt == "lnbnn" else None
+        o_inl = scorer.scores(q.tolist(), idx, "local matching (validation)", norms)
+        o_rinl = (scorer.scores(rq.tolist(), rc[:, None], "local matching (calibration)",
+                                None if norms is None else [norms[pos[int(a)]] for a in rq])[:, 0]
+                  if len(rq) else np.zeros(0))
+        o_x = np.concatenate([o_inl[valid], o_rinl])
+        o_cal = fit_calibration(x_cos, o_x, y, w, local_rows, x_lnb)
+        o_cal.fusion, o_cal.inlier_score = fusion, opt
+        o_grid = {}
+        for wt in weights:
+            for sh in shares:
+                f, i = reorder(o_cal.fuse(cos, o_inl, wt, lnb, sh), idx)
+                o_grid[(wt, sh)] = list_scores(f, i, ids[q], ids, n_rel, k)
+        o_cal.weight, o_cal.share = max(o_grid, key=lambda g: rank_key(o_grid[g], g))
+        fits[opt] = (o_cal, o_inl, o_x, o_grid)
+    # the inlier score whose best (w, s) validates best; on a tie the count (listed first)
+    score = max(options, key=lambda o: rank_key(fits[o][3][(fits[o][0].weight, fits[o][0].share)], (0.0, 0.0)))
+    cal, inl, x_inl, grid = fits[score]
     fz = cal.fuse(x_cos, x_inl, lnbnn=x_lnb)  # the chosen fusion on every calibration pair
     cal.platt = fit_platt(fz, y, w)
     out, per_query = {}, {}
@@ -481,7 +513,10 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     report = {"n_queries": int(len(q)), "val_queries": rcfg["val_queries"], "n_held_out_queries": n_held_out,
               "shortlist": depth, "pairs_shortlist": int(valid.sum()),
               "pairs_random": int(len(rq)), "positives": int(positive.sum()), "weight_mode": fw, "weight": cal.weight,
-              "lnbnn": lrows is not None, "share_mode": fs, "share": cal.share,
+              "lnbnn": lrows is not None, "share_mode": fs, "share": cal.share, "inlier_score": score,
+              "inlier_scores": {o: {"weight": c.weight, "share": c.share,
+                                    **{m: round(v, 5) for m, v in g[(c.weight, c.share)].items() if m != "n_queries"}}
+                                for o, (c, _, _, g) in fits.items()},
               "platt": list(cal.platt), "calibration_error": {"val": ece},
               "grid": {(f"{g[0]}/{g[1]}" if lrows is not None else str(g[0])): {m: round(v, 5) for m, v in s.items()
                                                                                  if m != "n_queries"}
@@ -492,6 +527,7 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
                         "same": positive.tolist(), "weight": w.tolist()}}
     log(f"fusion weight {cal.weight:.2f} ({'chosen on validation' if fw == 'auto' else 'set'})"
         + (f", LNBNN share {cal.share:.2f} ({'chosen on validation' if fs == 'auto' else 'set'})" if lrows else "")
+        + (f", inlier score {score} ({'chosen on validation' if len(options) > 1 else 'set'})" if lrows else "")
         + f" on {len(q)} queries ({n_held_out} of them photos of held-out identities); calibrated on {valid.sum()} "
         f"shortlist + {len(rq)} random validation pairs ({positive.sum()} same individual); fused probability "
         f"= sigmoid({cal.platt[0]:.2f} logit(fused score) {cal.platt[1]:+.2f}): {format_recalibration(ece['best'])} "
@@ -512,7 +548,7 @@ def _sample_pairs(q, idx, inl, cal, n: int = 6):
 
 
 def candidate_lists(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int, depth: int,
-                    search_kw: dict | None = None) -> dict:
+                    search_kw: dict | None = None, inlier_score: str = "count") -> dict:
     """Candidates of every test query, image mode (database train + test, self excluded) and ID
     mode (database train): ``{"image" | "id": (cosines, table rows, inliers, LNBNN scores or None)}``."""
     search_kw = search_kw or {}
@@ -522,11 +558,12 @@ def candidate_lists(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k
     out = {}
     for mode, db, self_excluded in (("image", every, True), ("id", tr, False)):
         c, i = shortlist(emb, te, db, max(depth, k), self_excluded, None, **search_kw)
-        lnb = None
+        lnb = norms = None
         if rcfg["lnbnn"]:
             lrows = LnbnnRows(scorer, db, te.tolist(), int(rcfg["lnbnn_k"]), None, f"LNBNN (test, {mode} mode)")
             c, i, lnb = widen(lrows, emb, emb[te], c, i, int(rcfg["lnbnn_candidates"]))
-        out[mode] = (c, i, scorer.scores(te.tolist(), i, f"local matching (test, {mode} mode)"), lnb)
+            norms = lrows.norms if inlier_score == "lnbnn" else None
+        out[mode] = (c, i, scorer.scores(te.tolist(), i, f"local matching (test, {mode} mode)", norms), lnb)
     return out
 
 
@@ -617,7 +654,7 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
     scores = {}
     lists = None
     per_query = {"val": report.pop("per_query"), "test": {}}
-    cands = candidate_lists(emb, table, scorer, r, k, depth, search_kw)
+    cands = candidate_lists(emb, table, scorer, r, k, depth, search_kw, cal.inlier_score)
     for name, wt in variants(cal.weight).items():
         f1, i1, f2, i2 = fused_lists(cal, cands, wt)
         thr[name] = val[name]["new_whale_threshold"]
@@ -778,8 +815,8 @@ def fused_nearest_identities(emb, table, scorer: LocalScorer, cal: Calibration, 
     s, i = search(e[db_rows], qe, min(int(depth), len(db_rows)), gpu=False)
     idx = np.where(i >= 0, db_rows[np.clip(i, 0, None)], -1)
     keys = list(q_rows) if q_keys is None else q_keys
-    s, idx, lnb = lnbnn_candidates(scorer, cal, db_rows, keys, emb, qe, s, idx)
-    inl = scorer.scores(keys, idx, "local matching (pseudo-labels)")
+    s, idx, lnb, norms = lnbnn_candidates(scorer, cal, db_rows, keys, emb, qe, s, idx)
+    inl = scorer.scores(keys, idx, "local matching (pseudo-labels)", norms)
     f, idx = reorder(cal.fuse(s, inl, lnbnn=lnb), idx)
     from .pseudo import padded
 
@@ -788,13 +825,14 @@ def fused_nearest_identities(emb, table, scorer: LocalScorer, cal: Calibration, 
 
 
 def lnbnn_candidates(scorer: LocalScorer, cal: Calibration, db_rows, q_keys, emb, q_vec, cos, idx):
-    """Shortlists widened by LNBNN and every candidate's LNBNN score, as the calibration was made
-    (``cal.info``); unchanged (scores None) when it fused no LNBNN score."""
+    """Shortlists widened by LNBNN, every candidate's LNBNN score and what :meth:`LocalScorer.scores`
+    needs for the calibration's inlier score (:meth:`Calibration.norms`), as the calibration was made
+    (``cal.info``): ``(cos, idx, lnbnn, norms)``; unchanged (None, None) when it fused no LNBNN score."""
     if cal.lnbnn is None or not cal.info.get("lnbnn", True):
-        return cos, idx, None
+        return cos, idx, None, None
     r = {**scorer.r, **{k: cal.info[k] for k in ("lnbnn_k", "lnbnn_candidates") if k in cal.info}}
     lrows = LnbnnRows(scorer, db_rows, q_keys, int(r["lnbnn_k"]), None, "LNBNN")
-    return widen(lrows, emb, q_vec, cos, idx, int(r["lnbnn_candidates"]))
+    return (*widen(lrows, emb, q_vec, cos, idx, int(r["lnbnn_candidates"])), cal.norms(lrows))
 
 
 def fused_ranker(cfg: dict, paths, table: pd.DataFrame, emb, groups=None, log=print):

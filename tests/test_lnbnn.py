@@ -66,3 +66,41 @@ def test_fusion_with_lnbnn_weighs_three_log_odds_and_share_zero_is_the_two_score
     back = Calibration.from_dict(cal.to_dict())
     assert back.share == 1.0 and back.lnbnn == cal.lnbnn
     assert Calibration.from_dict({k: v for k, v in cal.to_dict().items() if k not in ("lnbnn", "share")}).lnbnn is None
+
+
+def _labelled(img):
+    """``img`` with a black banner and white text, as field photos carry a label or timestamp."""
+    import cv2
+
+    img = img.copy()
+    cv2.rectangle(img, (0, 0), (img.shape[1], 60), (0, 0, 0), -1)
+    cv2.putText(img, "RIGHT 2019", (8, 44), cv2.FONT_HERSHEY_SIMPLEX, 1.3, (255, 255, 255), 3)
+    return img
+
+
+def test_verified_lnbnn_score_discounts_inliers_on_a_label_every_image_carries():
+    from common.lnbnn import verified_score
+    from common.local_features import match_pair
+
+    q = extract(_labelled(scene(100)), 320, 300)
+    db = {r: extract(_labelled(scene(r)), 320, 300) for r in range(8)}      # other animals, the same label
+    db[8] = extract(transformed(_labelled(scene(100))), 320, 300)         # the query's animal, another photo
+    _, norms = DescriptorIndex(db, list(range(9)), 9, k=4).scores(q.desc, None, return_norms=True)
+    assert norms.shape == (len(q),) and (norms >= 0).all()
+    count, verified = {}, {}
+    for r in db:
+        count[r], pairs = match_pair(q, db[r], return_matches=True)
+        verified[r] = verified_score(q.desc, db[r].desc, pairs, norms)
+    others = [r for r in db if r != 8]
+    assert min(count[r] for r in others) >= 0.8 * count[8] > 0       # counted, the label ties with the real match
+    assert verified[8] > 10 * max(verified[r] for r in others)        # verified, each label inlier counts ~0
+
+
+def test_the_calibration_keeps_its_inlier_score_and_old_files_read_as_counts():
+    cal = Calibration(fit_isotonic([0, 1], [0, 1]), fit_isotonic([0, 5], [0, 1]), inlier_score="lnbnn")
+    back = Calibration.from_dict(cal.to_dict())
+    assert back.inlier_score == "lnbnn"
+    rows = type("Rows", (), {"norms": [np.ones(3, np.float32)]})()
+    assert back.norms(rows) is rows.norms and back.norms(None) is None
+    old = {k: v for k, v in cal.to_dict().items() if k != "inlier_score"}
+    assert Calibration.from_dict(old).inlier_score == "count" and Calibration.from_dict(old).norms(rows) is None

@@ -131,7 +131,7 @@ class _IdentityScorer:
     def __init__(self, ids, seed=0):
         self.ids, self.rng = np.asarray(ids, object), np.random.default_rng(seed)
 
-    def scores(self, q_rows, idx, desc=""):
+    def scores(self, q_rows, idx, desc="", norms=None):
         same = self.ids[np.clip(idx, 0, None)] == self.ids[np.asarray(q_rows)][:, None]
         return np.where(idx < 0, 0, np.where(same, 30, 0) + self.rng.integers(0, 4, idx.shape))
 
@@ -160,6 +160,9 @@ def test_fusion_validates_on_every_photo_of_the_held_out_identities():
     assert reports["held_out"]["n_queries"] == n_ids + 2 * (per - 1) and reports["held_out"]["n_held_out_queries"] == 8
     with pytest.raises(ValueError, match="rerank.val_queries must be one of queries, held_out"):
         validate(emb, table, _IdentityScorer(ids), {**rcfg, "val_queries": "all"}, k=5, log=lambda *a: None)
+    with pytest.raises(ValueError, match="rerank.inlier_score must be one of auto, count, lnbnn"):
+        validate(emb, table, _IdentityScorer(ids), {**rcfg, "val_queries": "queries", "inlier_score": "sum"}, k=5,
+                 log=lambda *a: None)
     with pytest.raises(ValueError, match="rerank.local_calibration must be one of shortlist, ranking"):
         validate(emb, table, _IdentityScorer(ids), {**rcfg, "val_queries": "queries", "local_calibration": "x"}, k=5,
                  log=lambda *a: None)

@@ -137,6 +137,10 @@ def test_stage06_writes_valid_submissions_and_reuses_embeddings(comp):
     for f in (comp.rerank_calibration, comp.reliability_png, comp.matches_png, comp.rerank_report):
         assert f.exists(), f
     assert "ensemble+fused" in out.stdout
+    rep = json.loads(comp.rerank_report.read_text())  # inlier_score auto: the one that validates better
+    got = rep["inlier_scores"]
+    assert set(got) == {"count", "lnbnn"} and got[rep["inlier_score"]]["map20"] == max(g["map20"] for g in got.values())
+    assert json.loads(comp.rerank_calibration.read_text())["inlier_score"] == rep["inlier_score"]
     for s in scores["scores"].values():
         assert 0 <= s["val"]["map20"] <= 1 and s["val"]["n_queries"] == N_IDS // 2
         assert 0 <= s["test"]["map5_nw"] <= 1
