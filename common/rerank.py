@@ -532,18 +532,20 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
         f"shortlist + {len(rq)} random validation pairs ({positive.sum()} same individual); fused probability "
         f"= sigmoid({cal.platt[0]:.2f} logit(fused score) {cal.platt[1]:+.2f}): {format_recalibration(ece['best'])} "
         f"on each query's best candidate")
-    return cal, out, {**report, "sample": _sample_pairs(q, idx, inl, cal), "per_query": per_query}
+    sample = _sample_pairs(q, idx, inl, None if lrows is None else lrows.norms)
+    return cal, out, {**report, "sample": sample, "per_query": per_query}
 
 
-def _sample_pairs(q, idx, inl, cal, n: int = 6):
-    """Validation queries whose best re-ranked candidate is drawn in matches.png."""
+def _sample_pairs(q, idx, inl, norms=None, n: int = 6):
+    """Validation queries whose best-scoring candidate is drawn in matches.png: ``(query row,
+    candidate row, the query's LNBNN normalisers or None)``."""
     rng = np.random.default_rng(0)
     pick = rng.choice(len(q), size=min(n, len(q)), replace=False) if len(q) else []
     out = []
     for p in sorted(pick):
         c = int(idx[p, np.argmax(inl[p])]) if (idx[p] >= 0).any() else -1
         if c >= 0:
-            out.append((int(q[p]), c))
+            out.append((int(q[p]), c, None if norms is None else norms[p]))
     return out
 
 
@@ -774,7 +776,10 @@ def reliability_plot(pairs: dict, cal: Calibration, dest, bins: int = 10):
 
 def matches_plot(scorer: LocalScorer, table: pd.DataFrame, pairs, dest):
     """Sample validation queries beside their best-matching shortlist candidate, inliers drawn
-    (green: same individual, red: not), so a user sees what matched (animal or background)."""
+    (green: same individual, red: not), so a user sees what matched (animal or background). With
+    the query's LNBNN normalisers, inliers that count nothing in the verified LNBNN score (no closer
+    than the query descriptor's 5th database neighbour: a label, a pattern many images share) are
+    drawn grey, and the title gives that score."""
     import cv2
     import matplotlib
 
@@ -786,19 +791,26 @@ def matches_plot(scorer: LocalScorer, table: pd.DataFrame, pairs, dest):
 
     size = int(scorer.r["size"])
     fig, axes = plt.subplots(max(1, len(pairs)), 1, figsize=(8, 3.2 * max(1, len(pairs))), squeeze=False)
-    for ax, (q, c) in zip(axes[:, 0], pairs):
+    for ax, (q, c, norms) in zip(axes[:, 0], pairs):
         n, m = scorer.matches(q, c)
         ims = [resize_longest(read_image(table["path"].iat[r]), size)[0] for r in (q, c)]
         kq = [cv2.KeyPoint(float(x), float(y), 1) for x, y in scorer.feats[q].xy]
         kc = [cv2.KeyPoint(float(x), float(y), 1) for x, y in scorer.feats[c].xy]
-        dm = [cv2.DMatch(int(a), int(b), 0.0) for a, b in m]
+        counts, note = np.ones(len(m), bool), ""
+        if norms is not None and len(m):
+            qd, cd = scorer.feats[q].desc, scorer.feats[c].desc
+            counts = np.linalg.norm(qd[m[:, 0]] - cd[m[:, 1]], axis=1) < norms[m[:, 0]]
+            note = f", verified LNBNN {verified_score(qd, cd, m, norms):.2f} ({int((~counts).sum())} grey count 0)"
         same = table["Id"].iat[q] == table["Id"].iat[c] and table["Id"].iat[q] != NEW_WHALE
-        col = (0, 200, 0) if same else (220, 0, 0)
-        canvas = cv2.drawMatches(ims[0], kq, ims[1], kc, dm, None, matchColor=col, singlePointColor=(255, 255, 0),
-                                 flags=cv2.DrawMatchesFlags_NOT_DRAW_SINGLE_POINTS)
+        canvas = None
+        for sel, col in ((~counts, (150, 150, 150)), (counts, (0, 200, 0) if same else (220, 0, 0))):
+            dm = [cv2.DMatch(int(a), int(b), 0.0) for a, b in m[sel]]
+            flags = cv2.DrawMatchesFlags_NOT_DRAW_SINGLE_POINTS | (cv2.DrawMatchesFlags_DRAW_OVER_OUTIMG
+                                                                  if canvas is not None else 0)
+            canvas = cv2.drawMatches(ims[0], kq, ims[1], kc, dm, canvas, matchColor=col, flags=flags)
         ax.imshow(canvas)
         ax.set_title(f"{table['Image'].iat[q]} ({table['Id'].iat[q]})  vs  {table['Image'].iat[c]} "
-                     f"({table['Id'].iat[c]}): {n} inliers", fontsize=8, color="green" if same else "red")
+                     f"({table['Id'].iat[c]}): {n} inliers{note}", fontsize=8, color="green" if same else "red")
         ax.axis("off")
     fig.tight_layout()
     return save_figure(fig, dest)
