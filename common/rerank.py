@@ -126,7 +126,7 @@ class Calibration:
     info: dict = field(default_factory=dict)
     fusion: str = "mean"           # how the two probabilities combine (fuse_probabilities)
     lnbnn: dict | None = None      # isotonic breakpoints of the LNBNN score (None: not used)
-    share: float = 0.0             # LNBNN's share of the local evidence (the rest: the inlier count)
+    share: float = 0.0             # LNBNN's share of the local evidence (the rest: the inlier score)
     platt: tuple = (1.0, 0.0)      # fused score -> P(same individual): sigmoid(a logit(score) + b)
     inlier_score: str = "count"    # what `local` calibrates: count = inliers, lnbnn = their verified LNBNN score
 
@@ -552,7 +552,8 @@ def _sample_pairs(q, idx, inl, norms=None, n: int = 6):
 def candidate_lists(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int, depth: int,
                     search_kw: dict | None = None, inlier_score: str = "count") -> dict:
     """Candidates of every test query, image mode (database train + test, self excluded) and ID
-    mode (database train): ``{"image" | "id": (cosines, table rows, inliers, LNBNN scores or None)}``."""
+    mode (database train): ``{"image" | "id": (cosines, table rows, inlier scores (``inlier_score``),
+    LNBNN scores or None)}``."""
     search_kw = search_kw or {}
     tr = np.flatnonzero((table["split"] == "train").to_numpy())
     te = np.flatnonzero((table["split"] == "test").to_numpy())
