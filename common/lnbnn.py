@@ -83,7 +83,8 @@ def verified_score(q_desc, c_desc, pairs, norms) -> float:
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
     if not len(pairs):
         return 0.0
-    d = np.linalg.norm(np.asarray(q_desc, np.float32)[pairs[:, 0]] - np.asarray(c_desc, np.float32)[pairs[:, 1]], axis=1)
+    q_desc, c_desc = np.asarray(q_desc, np.float32), np.asarray(c_desc, np.float32)
+    d = np.linalg.norm(q_desc[pairs[:, 0]] - c_desc[pairs[:, 1]], axis=1)
     return float(np.maximum(np.asarray(norms, np.float32)[pairs[:, 0]] - d, 0.0).sum())
 
 

@@ -272,12 +272,14 @@ class LocalScorer:
         self.counts["pairs_cached"] += len(known) - len(todo)
         self.seconds["matching"] += time.perf_counter() - t
         if norms is None:
-            return np.array([[len(self.pairs[(q, int(c))]) if c >= 0 else 0 for c in row] for q, row in zip(q_keys, idx)],
-                            dtype=np.int32).reshape(idx.shape)
-        qf = [self.feats[q] for q in q_keys]
-        return np.array([[verified_score(f.desc, self.feats[int(c)].desc, self.pairs[(q, int(c))], nm) if c >= 0 else 0.0
-                          for c in row] for q, f, nm, row in zip(q_keys, qf, norms, idx)],
-                        dtype=np.float32).reshape(idx.shape)
+            return np.array([[len(self.pairs[(q, int(c))]) if c >= 0 else 0 for c in row]
+                             for q, row in zip(q_keys, idx)], dtype=np.int32).reshape(idx.shape)
+
+        def verified(q, nm, c):
+            return verified_score(self.feats[q].desc, self.feats[c].desc, self.pairs[(q, c)], nm)
+
+        return np.array([[verified(q, nm, int(c)) if c >= 0 else 0.0 for c in row]
+                         for q, nm, row in zip(q_keys, norms, idx)], dtype=np.float32).reshape(idx.shape)
 
     def lnbnn_index(self, rows, k: int):
         """The descriptor index of database ``rows`` (built once per database and ``k``)."""
