@@ -80,12 +80,16 @@ def verified_score(q_desc, c_desc, pairs, norms) -> float:
     >>> round(verified_score(q, c, np.array([[0, 0], [1, 1], [2, 2]]), np.array([0.5, 0.5, 0.0])), 3)
     0.6
     """
+    return float(inlier_weights(q_desc, c_desc, pairs, norms).sum())
+
+
+def inlier_weights(q_desc, c_desc, pairs, norms) -> np.ndarray:
+    """What each inlier of ``pairs`` adds to :func:`verified_score`: ``max(d_norm - d, 0)`` (0 = it
+    is no closer than the query descriptor's normaliser: something many images share)."""
     pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
-    if not len(pairs):
-        return 0.0
     q_desc, c_desc = np.asarray(q_desc, np.float32), np.asarray(c_desc, np.float32)
-    d = np.linalg.norm(q_desc[pairs[:, 0]] - c_desc[pairs[:, 1]], axis=1)
-    return float(np.maximum(np.asarray(norms, np.float32)[pairs[:, 0]] - d, 0.0).sum())
+    d = np.linalg.norm(q_desc[pairs[:, 0]] - c_desc[pairs[:, 1]], axis=1) if len(pairs) else np.zeros(0, np.float32)
+    return np.maximum(np.asarray(norms, np.float32)[pairs[:, 0]] - d, 0.0)
 
 
 class DescriptorIndex:

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from .config import ConfigError
-from .lnbnn import verified_score
+from .lnbnn import inlier_weights, verified_score
 from .local_features import GEOMETRIES, METHODS, PairCache, compute_features, match_many, match_pair
 from .evaluation import seen_unseen
 from .metrics import NEW_WHALE, calibration_error, image_scores, kaggle_map5, paired_bootstrap, query_scores, relevance, subset_scores
@@ -174,9 +174,14 @@ class Calibration:
                    tuple(float(v) for v in d.get("platt", (1.0, 0.0))), d.get("inlier_score", "count"))
 
     def norms(self, lrows: "LnbnnRows | None"):
-        """What :meth:`LocalScorer.scores` needs to make the inlier score this calibration maps:
-        the queries' LNBNN normalisers (verified LNBNN score), or None (inlier count)."""
-        return lrows.norms if (self.inlier_score == "lnbnn" and lrows is not None) else None
+        """What :meth:`LocalScorer.scores` needs to make the inlier score this calibration maps."""
+        return inlier_norms(self.inlier_score, lrows)
+
+
+def inlier_norms(inlier_score: str, lrows: "LnbnnRows | None"):
+    """The ``norms`` argument of :meth:`LocalScorer.scores` for ``inlier_score``: the queries' LNBNN
+    normalisers (verified LNBNN score), or None (inlier count; also without LNBNN rows)."""
+    return lrows.norms if (inlier_score == "lnbnn" and lrows is not None) else None
 
 
 def fit_calibration(cos, inliers, same, weight=None, local_rows=None, lnbnn=None) -> Calibration:
@@ -481,7 +486,7 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
 
     fits = {}
     for opt in options:
-        norms = lrows.norms if opt == "lnbnn" else None
+        norms = inlier_norms(opt, lrows)
         o_inl = scorer.scores(q.tolist(), idx, "local matching (validation)", norms)
         o_rinl = (scorer.scores(rq.tolist(), rc[:, None], "local matching (calibration)",
                                 None if norms is None else [norms[pos[int(a)]] for a in rq])[:, 0]
@@ -567,7 +572,7 @@ def candidate_lists(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k
         if rcfg["lnbnn"]:
             lrows = LnbnnRows(scorer, db, te.tolist(), int(rcfg["lnbnn_k"]), None, f"LNBNN (test, {mode} mode)")
             c, i, lnb = widen(lrows, emb, emb[te], c, i, int(rcfg["lnbnn_candidates"]))
-            norms = lrows.norms if inlier_score == "lnbnn" else None
+            norms = inlier_norms(inlier_score, lrows)
         out[mode] = (c, i, scorer.scores(te.tolist(), i, f"local matching (test, {mode} mode)", norms), lnb)
     return out
 
@@ -801,9 +806,9 @@ def matches_plot(scorer: LocalScorer, table: pd.DataFrame, pairs, dest):
         kc = [cv2.KeyPoint(float(x), float(y), 1) for x, y in scorer.feats[c].xy]
         counts, note = np.ones(len(m), bool), ""
         if norms is not None and len(m):
-            qd, cd = scorer.feats[q].desc, scorer.feats[c].desc
-            counts = np.linalg.norm(qd[m[:, 0]] - cd[m[:, 1]], axis=1) < norms[m[:, 0]]
-            note = f", verified LNBNN {verified_score(qd, cd, m, norms):.2f} ({int((~counts).sum())} grey count 0)"
+            wt = inlier_weights(scorer.feats[q].desc, scorer.feats[c].desc, m, norms)
+            counts = wt > 0
+            note = f", verified LNBNN {wt.sum():.2f} ({int((~counts).sum())} grey count 0)"
         same = table["Id"].iat[q] == table["Id"].iat[c] and table["Id"].iat[q] != NEW_WHALE
         canvas = None
         for sel, col in ((~counts, (150, 150, 150)), (counts, (0, 200, 0) if same else (220, 0, 0))):
