@@ -5,8 +5,12 @@
 
 * ``val``: the local-validation protocol (queries = val rows, database = train rows, query
   excluded): image-mode map20/top1/hit20, ID-mode map5 without new_whale, and ``map5_nw``
-  with new_whale inserted at the threshold tuned here (queries whose whale the database lacks
-  count as new_whale).
+  with new_whale inserted at the threshold tuned here. For ``map5_nw`` and the threshold, a
+  query of an identity held out of training (``held_out``, clean.unseen_frac) stands for a new
+  individual: its identity is left out of its ID ranking and its truth is new_whale, as a test
+  photo of an animal train.csv lacks (:func:`id_validation`). Without such queries every
+  validation query would find its own identity, and the threshold would be tuned never to say
+  new_whale.
 * ``test`` (when the withheld truth is known, i.e. the demo): image mode with database
   train + test, and ID mode (database = train) with the tuned threshold, as the two submissions
   would score; ``*_seen`` / ``*_unseen``: the test photos of identities train.csv has / lacks
@@ -50,6 +54,22 @@ def frequent_ids(table: pd.DataFrame) -> list[str]:
     return ids.value_counts(sort=True).index.tolist()
 
 
+def id_validation(query_ids, n_relevant, new=None) -> tuple[list[str], list[str]]:
+    """ID-mode validation truth of each query and the identity its ranking must not show
+    (:func:`common.retrieval.rank_identities` ``hide``): ``new`` queries (photos of identities
+    held out of training) stand for new individuals, so their own identity is hidden and their
+    truth is new_whale; any other query whose identity has no other database photo
+    (``n_relevant`` 0) is new_whale too.
+
+    >>> id_validation(["a", "b", "c"], [2, 0, 3], new=[False, False, True])
+    (['a', 'new_whale', 'new_whale'], ['', '', 'c'])
+    """
+    new = np.zeros(len(query_ids), bool) if new is None else np.asarray(new, bool)
+    truth = [NEW_WHALE if (c == 0 or h) else str(t) for t, c, h in zip(query_ids, n_relevant, new)]
+    hide = [str(t) if h else "" for t, h in zip(query_ids, new)]
+    return truth, hide
+
+
 def val_scores(emb, table: pd.DataFrame, k: int = 20, threshold: float | None = None, untuned: float = 0.5) -> dict:
     """Local-validation figures and the new_whale threshold: ``threshold`` when configured, else
     tuned on the queries, else (no queries to tune on) ``untuned``; ``threshold_source`` says which."""
@@ -65,12 +85,14 @@ def val_scores(emb, table: pd.DataFrame, k: int = 20, threshold: float | None = 
     scores, idx = search(e, e[q], max(k, id_search_depth(k, len(e))), exclude=q, gpu=False, groups=groups)
     n_rel = relevant_counts(ids[q], ids, True, groups)
     out = evaluate_search(scores, idx, ids[q], ids, k=k, n_relevant=n_rel)
-    pred_ids, sims = rank_identities(scores, idx, ids, n=ID_N)
-    truth = [t if c > 0 else NEW_WHALE for t, c in zip(ids[q], n_rel)]
+    new = table["held_out"].to_numpy()[tr][q].astype(bool) if "held_out" in table else None
+    truth, hide = id_validation(ids[q], n_rel, new)
+    pred_ids, sims = rank_identities(scores, idx, ids, n=ID_N, hide=hide)
     tuned, _, _ = tune_new_whale_threshold(pred_ids, sims, truth, n=ID_N)
     thr = tuned if threshold is None else float(threshold)
     out["map5_nw"] = kaggle_map5([insert_new_whale(i, s, thr, ID_N) for i, s in zip(pred_ids, sims)], truth)
     out["new_whale_threshold"] = thr
+    out["n_new_queries"] = sum(t == NEW_WHALE for t in truth)
     out["threshold_source"] = "tuned" if threshold is None else "config"
     return out
 

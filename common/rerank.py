@@ -33,7 +33,7 @@ import pandas as pd
 from .config import ConfigError
 from .lnbnn import inlier_weights, verified_score
 from .local_features import GEOMETRIES, METHODS, PairCache, compute_features, match_many, match_pair
-from .evaluation import seen_unseen
+from .evaluation import id_validation, seen_unseen
 from .metrics import NEW_WHALE, calibration_error, image_scores, kaggle_map5, paired_bootstrap, query_scores, relevance, subset_scores
 from .retrieval import l2_normalize, rank_identities, relevant_counts, search
 from .submission import id_truth, insert_new_whale, pad_ids, tune_new_whale_threshold
@@ -379,8 +379,8 @@ def list_scores(fused, idx, q_ids, ids, n_rel, k: int = 20) -> dict:
     return out
 
 
-def _nw_scores(fused, idx, ids, truth, threshold=None):
-    pred, sims = rank_identities(fused, idx, ids, n=ID_N)
+def _nw_scores(fused, idx, ids, truth, hide=None, threshold=None):
+    pred, sims = rank_identities(fused, idx, ids, n=ID_N, hide=hide)
     tuned, _, _ = tune_new_whale_threshold(pred, sims, truth, n=ID_N)
     thr = tuned if threshold is None else float(threshold)
     return kaggle_map5([insert_new_whale(p, s, thr, ID_N) for p, s in zip(pred, sims)], truth), thr
@@ -475,7 +475,9 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
         x_lnb = np.concatenate([lnb[valid], lrows.pairs([pos[int(a)] for a in rq], rc)])
     gr = None if groups is None else (groups[q], groups[tr])
     n_rel = relevant_counts(ids[q], ids[tr], True, gr)
-    truth = [t if c > 0 else NEW_WHALE for t, c in zip(ids[q], n_rel)]
+    # ID mode: photos of held-out identities stand for new individuals (common.evaluation.id_validation)
+    truth, hide = id_validation(ids[q], n_rel, table["held_out"].to_numpy()[q].astype(bool)
+                                if "held_out" in table else None)
     fw, fs = rcfg["fusion_weight"], rcfg.get("lnbnn_share", "auto")
     weights = GRID if fw == "auto" else (float(fw),)
     shares = (GRID if fs == "auto" else (float(fs),)) if lrows is not None else (0.0,)
@@ -511,14 +513,14 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
         f, i = reorder(cal.fuse(cos, inl, wt, lnb), idx)
         out[name] = list_scores(f, i, ids[q], ids, n_rel, k)
         per_query[name] = query_scores(relevance(ids[q], ids, i[:, :k]), n_rel, k)
-        out[name]["map5_nw"], out[name]["new_whale_threshold"] = _nw_scores(cal.probability(f), i, ids, truth)
+        out[name]["map5_nw"], out[name]["new_whale_threshold"] = _nw_scores(cal.probability(f), i, ids, truth, hide)
         if name == "fused":
             ece = {"pairs": recalibration_errors(cal, fz, y, w),
                    "best": recalibration_errors(cal, f[:, 0], per_query[name]["top1"])}
     cal.new_whale_threshold = out["fused"]["new_whale_threshold"]
     positive = y.astype(bool)
     report = {"n_queries": int(len(q)), "val_queries": rcfg["val_queries"], "n_held_out_queries": n_held_out,
-              "shortlist": depth, "pairs_shortlist": int(valid.sum()),
+              "n_new_queries": sum(t == NEW_WHALE for t in truth), "shortlist": depth, "pairs_shortlist": int(valid.sum()),
               "pairs_random": int(len(rq)), "positives": int(positive.sum()), "weight_mode": fw, "weight": cal.weight,
               "lnbnn": lrows is not None, "share_mode": fs, "share": cal.share, "inlier_score": score,
               "inlier_scores": {o: {"weight": c.weight, "share": c.share,
@@ -535,7 +537,8 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     log(f"fusion weight {cal.weight:.2f} ({'chosen on validation' if fw == 'auto' else 'set'})"
         + (f", LNBNN share {cal.share:.2f} ({'chosen on validation' if fs == 'auto' else 'set'})" if lrows else "")
         + (f", inlier score {score} ({'chosen on validation' if len(options) > 1 else 'set'})" if lrows else "")
-        + f" on {len(q)} queries ({n_held_out} of them photos of held-out identities); calibrated on {valid.sum()} "
+        + f" on {len(q)} queries ({n_held_out} of them photos of held-out identities, which the ID-mode new_whale "
+        f"threshold takes for new individuals); calibrated on {valid.sum()} "
         f"shortlist + {len(rq)} random validation pairs ({positive.sum()} same individual); fused probability "
         f"= sigmoid({cal.platt[0]:.2f} logit(fused score) {cal.platt[1]:+.2f}): {format_recalibration(ece['best'])} "
         f"on each query's best candidate")
@@ -750,7 +753,8 @@ def reliability_plot(pairs: dict, cal: Calibration, dest, bins: int = 10):
     edges = np.linspace(0, 1, bins + 1)
     fz = np.asarray(pairs["fused_score"])  # the chosen fusion of each pair, as validate computed it
     fused = f"fused (w={cal.weight:.2f}" + (f", s={cal.share:.2f}" if pn is not None else "")
-    curves = [("embedding", pe), ("local: inliers", pl)] + ([("local: LNBNN", pn)] if pn is not None else []) + [
+    score = "verified LNBNN inlier score" if cal.inlier_score == "lnbnn" else "inlier count"
+    curves = [("embedding", pe), (f"local: {score}", pl)] + ([("local: LNBNN", pn)] if pn is not None else []) + [
         (fused + ")", cal.probability(fz))]
     if tuple(cal.platt) != (1.0, 0.0):
         curves.append((fused + ", score before recalibration)", fz))
@@ -769,8 +773,8 @@ def reliability_plot(pairs: dict, cal: Calibration, dest, bins: int = 10):
     a.legend(fontsize=8)
     a.grid(alpha=0.3)
     xs = np.linspace(0, max(cal.local["x"][-1], 1.0), 200)
-    b.plot(xs, cal.p_local(xs), label="local: P(same) vs inliers")
-    b.set_xlabel("inlier count")
+    b.plot(xs, cal.p_local(xs), label=f"local: P(same) vs {score}")
+    b.set_xlabel(score)
     b2 = b.twiny()
     xc = np.linspace(min(cal.emb["x"][0], 0.0), 1.0, 200)
     b2.plot(xc, cal.p_emb(xc), color="C1", label="embedding: P(same) vs cosine")

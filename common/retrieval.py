@@ -245,25 +245,31 @@ def same_group_relevant(query_ids, db_ids, q_groups, db_groups) -> np.ndarray:
     return out
 
 
-def rank_identities(scores, idx, db_ids: Sequence[str], n: int = 5, skip: Sequence[str] = (NEW_WHALE,)):
+def rank_identities(scores, idx, db_ids: Sequence[str], n: int = 5, skip: Sequence[str] = (NEW_WHALE,),
+                    hide: Sequence[str] | None = None):
     """Per query, the first ``n`` distinct identities of its ranked images (each scored by its best
     image), ``skip`` labels left out: ``(ids: list[list[str]], sims: list[list[float]])``.
+    ``hide``: one more label per query ('' = none) left out of that query's ranking, as if the
+    database had no photo of it (validation's stand-ins for new individuals).
 
     >>> rank_identities([[0.9, 0.8, 0.7, 0.6]], [[2, 0, 1, 3]], ["a", "new_whale", "a", "b"], n=2)
     ([['a', 'b']], [[0.8999999761581421, 0.6000000238418579]])
+    >>> rank_identities([[0.9, 0.8, 0.7, 0.6]] * 2, [[2, 0, 1, 3]] * 2, ["a", "new_whale", "a", "b"], 2, hide=["a", ""])[0]
+    [['b'], ['a', 'b']]
     """
     db_ids = np.asarray(db_ids, dtype=object)
     scores = np.asarray(scores, dtype=np.float32)
     idx = np.asarray(idx, dtype=np.int64)
     skip = set(skip)
+    hide = [""] * len(idx) if hide is None else list(hide)
     all_ids, all_sims = [], []
-    for s_row, i_row in zip(scores, idx):
+    for s_row, i_row, hidden in zip(scores, idx, hide):
         ids, sims = [], []
         for s, i in zip(s_row, i_row):
             if i < 0:
                 break
             label = db_ids[i]
-            if label in skip or label in ids:
+            if label in skip or label in ids or (hidden and label == hidden):
                 continue
             ids.append(label)
             sims.append(float(s))

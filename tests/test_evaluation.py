@@ -34,6 +34,30 @@ def test_perfect_embedding_scores_one():
     assert [p[0] for p in preds] == ["a", "c", "new_whale", "new_whale"] and all(len(set(p)) == 5 for p in preds)
 
 
+def test_held_out_identity_queries_tune_the_threshold_as_new_individuals():
+    """Without the lone query d, every validation query finds its own whale: no new individual to
+    tune the threshold on. With whale b held out of training, its query is scored with b hidden
+    (truth new_whale): the threshold lands between that query's best cosine (another whale) and
+    the known query's, and the unseen test whale u gets new_whale first."""
+    emb, table, truth = scene()
+    keep = (table["Image"] != "d1").to_numpy()
+    emb, table = emb[keep], table[keep].reset_index(drop=True)
+    assert local_scores(emb, table, truth, k=3)["val"]["n_new_queries"] == 0
+    held = table.assign(held_out=(table["Id"] == "b").astype(int))
+    s = local_scores(emb, held, truth, k=3)
+    e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    row = dict(zip(held["Image"], range(len(held))))
+    others = [row[n] for n in ("a1", "a2", "a3", "c1", "n1")]
+    hidden_best = (e[others] @ e[row["b1"]]).max()             # b1 without whale b: another whale's photo
+    known_top = max(e[row["a1"]] @ e[row["a2"]], e[row["a1"]] @ e[row["a3"]])
+    assert s["val"]["n_new_queries"] == 1 and s["val"]["map5_nw"] == pytest.approx(1)
+    assert hidden_best < s["val"]["new_whale_threshold"] < known_top
+    assert s["val"]["map20"] == pytest.approx(1)               # image mode unchanged: b1 still finds b2
+    preds = predict_test_ids(emb, held, s["val"]["new_whale_threshold"])
+    assert [p[0] for p in preds] == ["a", "c", "new_whale", "new_whale"]
+    assert s["test"]["map5_nw"] == pytest.approx(1)
+
+
 def test_shuffled_embedding_scores_lower_and_table_prints():
     emb, table, truth = scene()
     bad = np.random.default_rng(1).permutation(emb)

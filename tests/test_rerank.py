@@ -168,6 +168,34 @@ def test_fusion_validates_on_every_photo_of_the_held_out_identities():
                  log=lambda *a: None)
 
 
+def test_new_whale_threshold_is_tuned_on_held_out_identities_as_new_individuals():
+    """ID mode of the validation: a held-out identity's photos are scored with their identity hidden and
+    truth new_whale (a test set's new animals are absent from train.csv). Without them no validation query
+    is ever new, and the threshold would be tuned never to say new_whale."""
+    from common.rerank import validate
+
+    rng = np.random.default_rng(0)
+    n_ids, per = 12, 5
+    ids = np.repeat([f"w{i}" for i in range(n_ids)], per)
+    query = np.zeros(len(ids), int)
+    query[::per] = 1
+    emb = np.repeat(rng.normal(size=(n_ids, 16)), per, axis=0) + rng.normal(scale=1.5, size=(len(ids), 16))
+    rcfg = {"shortlist": 10, "calib_random": 5, "seed": 0, "fusion_weight": 0.5, "select_metric": "map20",
+            "local_calibration": "ranking", "fusion": "logodds", "val_queries": "held_out"}
+    n_new = {}
+    for n_held in (0, 3):
+        held = np.isin(ids, [f"w{i}" for i in range(n_ids - n_held, n_ids)]).astype(int)
+        table = pd.DataFrame({"split": "train", "Image": [f"{i}.jpg" for i in range(len(ids))], "Id": ids,
+                              "path": "", "is_query": query, "held_out": held})
+        cal, val, rep = validate(emb, table, _IdentityScorer(ids), rcfg, k=5, log=lambda *a: None)
+        n_new[n_held] = rep["n_new_queries"]
+        assert val["fused"]["map5"] == 1.0                    # image lists: every query finds its own identity
+    assert n_new == {0: 0, 3: 3 * per}                      # every photo of a held-out identity counts as new
+    # MAP@5 1 with 15 new and 9 known queries: the threshold puts new_whale first for exactly the 15, whose
+    # best candidate (another animal, <= 3 inliers) it places below, and the known ones' (30 inliers) above
+    assert val["fused"]["map5_nw"] == 1.0 and 0.0 < cal.new_whale_threshold < 1.0
+
+
 def test_local_calibration_on_shortlist_pairs_ignores_the_random_pairs_beyond():
     rng = np.random.default_rng(3)
     sl_inl, sl_same = rng.integers(0, 12, 400), rng.random(400) < 0.4     # shortlist: many positives
