@@ -442,9 +442,10 @@ def validation_queries(table: pd.DataFrame, which: str) -> np.ndarray:
 
 
 def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int = 20, groups=None,
-             search_kw: dict | None = None, log=print) -> tuple[Calibration, dict, dict]:
+             search_kw: dict | None = None, log=print, threshold: float | None = None) -> tuple[Calibration, dict, dict]:
     """Fit the calibration on local validation, pick the fusion weight, score the variants.
-    Returns ``(calibration, {variant: val scores}, report)``."""
+    ``threshold``: the ID-mode new_whale threshold on the fused probability (search.new_whale_threshold);
+    None = tuned here. Returns ``(calibration, {variant: val scores}, report)``."""
     search_kw = search_kw or {}
     local_fit = _choice("local_calibration", rcfg["local_calibration"], LOCAL_CALIBRATION)
     tr = np.flatnonzero((table["split"] == "train").to_numpy())
@@ -513,7 +514,8 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
         f, i = reorder(cal.fuse(cos, inl, wt, lnb), idx)
         out[name] = list_scores(f, i, ids[q], ids, n_rel, k)
         per_query[name] = query_scores(relevance(ids[q], ids, i[:, :k]), n_rel, k)
-        out[name]["map5_nw"], out[name]["new_whale_threshold"] = _nw_scores(cal.probability(f), i, ids, truth, hide)
+        out[name]["map5_nw"], out[name]["new_whale_threshold"] = _nw_scores(cal.probability(f), i, ids, truth, hide,
+                                                                             threshold)
         if name == "fused":
             ece = {"pairs": recalibration_errors(cal, fz, y, w),
                    "best": recalibration_errors(cal, f[:, 0], per_query[name]["top1"])}
@@ -537,8 +539,9 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     log(f"fusion weight {cal.weight:.2f} ({'chosen on validation' if fw == 'auto' else 'set'})"
         + (f", LNBNN share {cal.share:.2f} ({'chosen on validation' if fs == 'auto' else 'set'})" if lrows else "")
         + (f", inlier score {score} ({'chosen on validation' if len(options) > 1 else 'set'})" if lrows else "")
-        + f" on {len(q)} queries ({n_held_out} of them photos of held-out identities, which the ID-mode new_whale "
-        f"threshold takes for new individuals); calibrated on {valid.sum()} "
+        + f" on {len(q)} queries ({n_held_out} of them photos of held-out identities; the ID-mode new_whale "
+        f"threshold takes the {report['n_new_queries']} of identities never trained on for new animals); "
+        f"calibrated on {valid.sum()} "
         f"shortlist + {len(rq)} random validation pairs ({positive.sum()} same individual); fused probability "
         f"= sigmoid({cal.platt[0]:.2f} logit(fused score) {cal.platt[1]:+.2f}): {format_recalibration(ece['best'])} "
         f"on each query's best candidate")
@@ -661,7 +664,7 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
     scorer = LocalScorer(table, r, paths.features_dir)
     t0 = time.perf_counter()
     scorer.ensure(np.arange(len(table)))
-    cal, val, report = validate(emb, table, scorer, r, k, groups, search_kw, log)
+    cal, val, report = validate(emb, table, scorer, r, k, groups, search_kw, log, cfg["search"]["new_whale_threshold"])
     depth = max(int(r["shortlist"]), k)
     thr = {}
     scores = {}
@@ -864,7 +867,7 @@ def fused_ranker(cfg: dict, paths, table: pd.DataFrame, emb, groups=None, log=pr
     ranks identities by fused probability (stage 05's pseudo-label confidence)."""
     r, k = cfg["rerank"], cfg["search"]["k"]
     scorer = LocalScorer(table, r, paths.features_dir)
-    cal, val, _ = validate(emb, table, scorer, r, k, groups, None, log)
+    cal, val, _ = validate(emb, table, scorer, r, k, groups, None, log, cfg["search"]["new_whale_threshold"])
     depth = max(int(r["shortlist"]), k)
 
     def nearest(q_rows, db_rows):

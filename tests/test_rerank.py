@@ -191,6 +191,8 @@ def test_new_whale_threshold_is_tuned_on_held_out_identities_as_new_individuals(
         n_new[n_held] = rep["n_new_queries"]
         assert val["fused"]["map5"] == 1.0                    # image lists: every query finds its own identity
     assert n_new == {0: 0, 3: 3 * per}                      # every photo of a held-out identity counts as new
+    set_cal, set_val, _ = validate(emb, table, _IdentityScorer(ids), rcfg, k=5, log=lambda *a: None, threshold=0.3)
+    assert set_cal.new_whale_threshold == set_val["fused"]["new_whale_threshold"] == 0.3   # search.new_whale_threshold
     # MAP@5 1 with 15 new and 9 known queries: the threshold puts new_whale first for exactly the 15, whose
     # best candidate (another animal, <= 3 inliers) it places below, and the known ones' (30 inliers) above
     assert val["fused"]["map5_nw"] == 1.0 and 0.0 < cal.new_whale_threshold < 1.0
