@@ -136,19 +136,29 @@ class _IdentityScorer:
         return np.where(idx < 0, 0, np.where(same, 30, 0) + self.rng.integers(0, 4, idx.shape))
 
 
+def _noisy_identities(seed: int, n_ids: int = 12, per: int = 5):
+    """``per`` photos of each of ``n_ids`` identities (the first of each a validation query), embedded
+    as the identity's centre plus noise: ``(ids, is_query, embeddings)``."""
+    rng = np.random.default_rng(seed)
+    ids = np.repeat([f"w{i}" for i in range(n_ids)], per)
+    query = np.zeros(len(ids), int)
+    query[::per] = 1
+    emb = np.repeat(rng.normal(size=(n_ids, 16)), per, axis=0) + rng.normal(scale=1.5, size=(len(ids), 16))
+    return ids, query, emb
+
+
+def _validation_table(ids, query, held) -> pd.DataFrame:
+    return pd.DataFrame({"split": "train", "Image": [f"{i}.jpg" for i in range(len(ids))], "Id": ids,
+                         "path": "", "is_query": query, "held_out": held})
+
+
 def test_fusion_validates_on_every_photo_of_the_held_out_identities():
     from common.rerank import validate
 
-    rng = np.random.default_rng(0)
     n_ids, per = 12, 5
-    ids = np.repeat([f"w{i}" for i in range(n_ids)], per)
+    ids, query, emb = _noisy_identities(0, n_ids, per)       # one query per identity
     held = np.isin(ids, ["w10", "w11"])                       # never trained: every photo is a query
-    query = np.zeros(len(ids), int)
-    query[::per] = 1                                         # one query per identity
-    centres = rng.normal(size=(n_ids, 16))
-    emb = np.repeat(centres, per, axis=0) + rng.normal(scale=1.5, size=(len(ids), 16))
-    table = pd.DataFrame({"split": "train", "Image": [f"{i}.jpg" for i in range(len(ids))], "Id": ids,
-                          "path": "", "is_query": query, "held_out": held.astype(int)})
+    table = _validation_table(ids, query, held.astype(int))
     rcfg = {"shortlist": 10, "calib_random": 5, "seed": 0, "fusion_weight": "auto", "select_metric": "map20",
             "local_calibration": "ranking", "fusion": "mean"}
     reports = {}
@@ -174,19 +184,14 @@ def test_new_whale_threshold_is_tuned_on_held_out_identities_as_new_individuals(
     is ever new, and the threshold would be tuned never to say new_whale."""
     from common.rerank import validate
 
-    rng = np.random.default_rng(0)
     n_ids, per = 12, 5
-    ids = np.repeat([f"w{i}" for i in range(n_ids)], per)
-    query = np.zeros(len(ids), int)
-    query[::per] = 1
-    emb = np.repeat(rng.normal(size=(n_ids, 16)), per, axis=0) + rng.normal(scale=1.5, size=(len(ids), 16))
+    ids, query, emb = _noisy_identities(0, n_ids, per)
     rcfg = {"shortlist": 10, "calib_random": 5, "seed": 0, "fusion_weight": 0.5, "select_metric": "map20",
             "local_calibration": "ranking", "fusion": "logodds", "val_queries": "held_out"}
     n_new = {}
     for n_held in (0, 3):
         held = np.isin(ids, [f"w{i}" for i in range(n_ids - n_held, n_ids)]).astype(int)
-        table = pd.DataFrame({"split": "train", "Image": [f"{i}.jpg" for i in range(len(ids))], "Id": ids,
-                              "path": "", "is_query": query, "held_out": held})
+        table = _validation_table(ids, query, held)
         cal, val, rep = validate(emb, table, _IdentityScorer(ids), rcfg, k=5, log=lambda *a: None)
         n_new[n_held] = rep["n_new_queries"]
         assert val["fused"]["map5"] == 1.0                    # image lists: every query finds its own identity
@@ -236,14 +241,9 @@ def test_recalibrated_fused_probability_keeps_every_ranking_and_means_what_it_sa
 def test_validation_recalibrates_the_fused_probability_and_tunes_new_whale_on_it():
     from common.rerank import validate
 
-    rng = np.random.default_rng(5)
-    n_ids, per = 12, 5
-    ids = np.repeat([f"w{i}" for i in range(n_ids)], per)
-    query = np.zeros(len(ids), int)
-    query[::per] = 1
-    emb = np.repeat(rng.normal(size=(n_ids, 16)), per, axis=0) + rng.normal(scale=1.5, size=(len(ids), 16))
-    table = pd.DataFrame({"split": "train", "Image": [f"{i}.jpg" for i in range(len(ids))], "Id": ids,
-                          "path": "", "is_query": query, "held_out": 0})
+    n_ids = 12
+    ids, query, emb = _noisy_identities(5, n_ids)
+    table = _validation_table(ids, query, 0)
     rcfg = {"shortlist": 10, "calib_random": 5, "seed": 0, "fusion_weight": 0.5, "select_metric": "map20",
             "local_calibration": "ranking", "fusion": "logodds", "val_queries": "queries"}
     cal, val, rep = validate(emb, table, _IdentityScorer(ids), rcfg, k=5, log=lambda *a: None)
