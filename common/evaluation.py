@@ -54,17 +54,20 @@ def frequent_ids(table: pd.DataFrame) -> list[str]:
     return ids.value_counts(sort=True).index.tolist()
 
 
-def id_validation(query_ids, n_relevant, new=None) -> tuple[list[str], list[str]]:
-    """ID-mode validation truth of each query and the identity its ranking must not show
-    (:func:`common.retrieval.rank_identities` ``hide``): ``new`` queries (photos of identities
-    held out of training) stand for new individuals, so their own identity is hidden and their
-    truth is new_whale; any other query whose identity has no other database photo
+def id_validation(table: pd.DataFrame, rows, n_relevant) -> tuple[list[str], list[str]]:
+    """ID-mode validation truth of the queries ``rows`` of ``table`` and the identity each ranking
+    must not show (:func:`common.retrieval.rank_identities` ``hide``): a photo of an identity held
+    out of training (``held_out``) stands for a new individual, so its own identity is hidden and
+    its truth is new_whale; any other query whose identity has no other database photo
     (``n_relevant`` 0) is new_whale too.
 
-    >>> id_validation(["a", "b", "c"], [2, 0, 3], new=[False, False, True])
+    >>> t = pd.DataFrame({"Id": ["a", "b", "c"], "held_out": [0, 0, 1]})
+    >>> id_validation(t, [0, 1, 2], [2, 0, 3])
     (['a', 'new_whale', 'new_whale'], ['', '', 'c'])
     """
-    new = np.zeros(len(query_ids), bool) if new is None else np.asarray(new, bool)
+    rows = np.asarray(rows, np.int64)
+    query_ids = table["Id"].to_numpy(object)[rows]
+    new = table["held_out"].to_numpy()[rows].astype(bool) if "held_out" in table else np.zeros(len(rows), bool)
     truth = [NEW_WHALE if (c == 0 or h) else str(t) for t, c, h in zip(query_ids, n_relevant, new)]
     hide = [str(t) if h else "" for t, h in zip(query_ids, new)]
     return truth, hide
@@ -85,8 +88,7 @@ def val_scores(emb, table: pd.DataFrame, k: int = 20, threshold: float | None = 
     scores, idx = search(e, e[q], max(k, id_search_depth(k, len(e))), exclude=q, gpu=False, groups=groups)
     n_rel = relevant_counts(ids[q], ids, True, groups)
     out = evaluate_search(scores, idx, ids[q], ids, k=k, n_relevant=n_rel)
-    new = table["held_out"].to_numpy()[tr][q].astype(bool) if "held_out" in table else None
-    truth, hide = id_validation(ids[q], n_rel, new)
+    truth, hide = id_validation(table, tr[q], n_rel)
     pred_ids, sims = rank_identities(scores, idx, ids, n=ID_N, hide=hide)
     tuned, _, _ = tune_new_whale_threshold(pred_ids, sims, truth, n=ID_N)
     thr = tuned if threshold is None else float(threshold)

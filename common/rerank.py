@@ -477,8 +477,7 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     gr = None if groups is None else (groups[q], groups[tr])
     n_rel = relevant_counts(ids[q], ids[tr], True, gr)
     # ID mode: photos of held-out identities stand for new individuals (common.evaluation.id_validation)
-    truth, hide = id_validation(ids[q], n_rel, table["held_out"].to_numpy()[q].astype(bool)
-                                if "held_out" in table else None)
+    truth, hide = id_validation(table, q, n_rel)
     fw, fs = rcfg["fusion_weight"], rcfg.get("lnbnn_share", "auto")
     weights = GRID if fw == "auto" else (float(fw),)
     shares = (GRID if fs == "auto" else (float(fs),)) if lrows is not None else (0.0,)
@@ -514,8 +513,8 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
         f, i = reorder(cal.fuse(cos, inl, wt, lnb), idx)
         out[name] = list_scores(f, i, ids[q], ids, n_rel, k)
         per_query[name] = query_scores(relevance(ids[q], ids, i[:, :k]), n_rel, k)
-        out[name]["map5_nw"], out[name]["new_whale_threshold"] = _nw_scores(cal.probability(f), i, ids, truth, hide,
-                                                                             threshold)
+        nw = _nw_scores(cal.probability(f), i, ids, truth, hide, threshold)
+        out[name]["map5_nw"], out[name]["new_whale_threshold"] = nw
         if name == "fused":
             ece = {"pairs": recalibration_errors(cal, fz, y, w),
                    "best": recalibration_errors(cal, f[:, 0], per_query[name]["top1"])}
