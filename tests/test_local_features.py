@@ -1,4 +1,4 @@
-"""SIFT/RootSIFT features, geometric verification and the per-image feature cache."""
+"""SIFT/RootSIFT and XFeat features, geometric verification and the per-image feature cache."""
 import os
 
 import cv2
@@ -53,6 +53,25 @@ def test_every_geometry_counts_many_inliers_for_a_transformed_copy_few_for_unrel
     assert same >= 40 and other <= 8 and mirrored <= 8, (same, other, mirrored)
     n, pairs = match_pair(a, extract(transformed(scene(1)), 320, 500), geometry=geometry, return_matches=True)
     assert n == len(pairs) == same
+
+
+def test_xfeat_matches_a_transformed_copy_by_mutual_neighbours_and_not_unrelated_or_mirrored(tmp_path):
+    a = extract(scene(1), size=320, max_keypoints=500, kind="xfeat")
+    assert len(a) == 500 and a.desc.shape == (500, 64)
+    np.testing.assert_allclose(np.linalg.norm(a.desc, axis=1), 1.0, atol=1e-3)
+    same = match_pair(a, extract(transformed(scene(1)), 320, 500, "xfeat"), matcher="mutual")
+    other = max(match_pair(a, extract(scene(s), 320, 500, "xfeat"), matcher="mutual") for s in (2, 3))
+    mirrored = match_pair(a, extract(scene(1)[:, ::-1].copy(), 320, 500, "xfeat"), matcher="mutual")
+    assert same >= 100 and other <= 20 and mirrored <= 30, (same, other, mirrored)
+    # cached apart from SIFT's: another kind is another key, so neither file is read as the other
+    p = tmp_path / "im.png"
+    cv2.imwrite(str(p), scene(5, 160))
+    items = [("train", p.name, str(p))]
+    _, c1 = compute_features(items, tmp_path / "c", 200, 200, progress=False, kind="xfeat")
+    got, c2 = compute_features(items, tmp_path / "c", 200, 200, progress=False, kind="xfeat")
+    sift, c3 = compute_features(items, tmp_path / "c", 200, 200, progress=False)
+    assert (c1["computed"], c2["cached"], c3["computed"]) == (1, 1, 1)
+    assert got[0].desc.shape[1] == 64 and sift[0].desc.shape[1] == 128
 
 
 def test_an_unknown_geometry_or_method_is_a_config_error_before_any_matching(tmp_path):

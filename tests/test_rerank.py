@@ -1,4 +1,6 @@
 """Calibration, fusion and re-ranking of shortlists (common/rerank.py), grouped search."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -253,3 +255,57 @@ def test_validation_recalibrates_the_fused_probability_and_tunes_new_whale_on_it
     assert best["mean_probability"] > best["mean_score"]
     assert rep["platt"] == list(cal.platt) and len(rep["pairs"]["fused_score"]) == len(rep["pairs"]["same"])
     assert cal.new_whale_threshold == val["fused"]["new_whale_threshold"]
+
+
+class _NoiseScorer:
+    """A matcher that sees nothing: 0-3 inliers whoever the pair."""
+
+    def __init__(self, seed=1):
+        self.rng = np.random.default_rng(seed)
+
+    def scores(self, q_rows, idx, desc="", norms=None):
+        return np.where(np.asarray(idx) < 0, 0, self.rng.integers(0, 4, np.shape(idx)))
+
+
+def test_a_second_matcher_gets_the_share_of_the_local_evidence_validation_finds_it_earns():
+    """rerank.xfeat: the scorer's ``learned`` matcher (XFeat) is calibrated and fused into the local
+    evidence with a share chosen on validation: all of it when only it sees the identities, none when
+    it sees nothing (the lists are then those without it)."""
+    from common.rerank import validate
+
+    ids, query, emb = _noisy_identities(0)
+    table = _validation_table(ids, query, np.zeros(len(ids), int))
+    rcfg = {"shortlist": 10, "calib_random": 5, "seed": 0, "fusion_weight": "auto", "select_metric": "map20",
+            "local_calibration": "ranking", "fusion": "logodds", "val_queries": "queries", "xfeat_share": "auto"}
+    blind = _NoiseScorer()
+    blind.learned = _IdentityScorer(ids)
+    cal, val, rep = validate(emb, table, blind, rcfg, k=5, log=lambda *a: None)
+    assert cal.learned_share > 0 and rep["xfeat"] and rep["xfeat_share"] == cal.learned_share
+    assert len(rep["pairs"]["p_xfeat"]) == len(rep["pairs"]["p_local"])
+    alone = validate(emb, table, _NoiseScorer(), rcfg, k=5, log=lambda *a: None)[1]
+    assert val["local"]["top1"] >= 0.9 and val["local"]["top1"] - alone["local"]["top1"] >= 0.3  # noise: embedding order
+    only = validate(emb, table, blind, {**rcfg, "xfeat_share": 1.0}, k=5, log=lambda *a: None)[1]
+    assert only["local"]["top1"] == 1.0                                  # all the local evidence from XFeat
+
+    sighted = _IdentityScorer(ids)
+    sighted.learned = _NoiseScorer()
+    cal2, val2, _ = validate(emb, table, sighted, rcfg, k=5, log=lambda *a: None)
+    base_cal, base_val, _ = validate(emb, table, _IdentityScorer(ids), rcfg, k=5, log=lambda *a: None)
+    assert cal2.learned_share == 0.0 and cal2.weight == base_cal.weight
+    assert {n: v["map20"] for n, v in val2.items()} == {n: v["map20"] for n, v in base_val.items()}
+    for bad in ("most", 1.5):
+        with pytest.raises(ConfigError, match="rerank.xfeat_share must be auto or a number from 0 to 1"):
+            validate(emb, table, blind, {**rcfg, "xfeat_share": bad}, k=5, log=lambda *a: None)
+
+
+def test_the_xfeat_share_round_trips_and_zero_fuses_as_without_it():
+    cal = Calibration(fit_isotonic([0, 1], [0, 1]), fit_isotonic([0, 10], [0, 1]), weight=0.7, fusion="logodds",
+                      learned=fit_isotonic([0, 50], [0, 1]), learned_share=0.4)
+    back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert back.learned == cal.learned and back.learned_share == 0.4
+    cos, inl, xf = np.array([[0.2, 0.9]]), np.array([[8, 1]]), np.array([[45, 0]])
+    np.testing.assert_allclose(back.fuse(cos, inl, learned=xf), cal.fuse(cos, inl, learned=xf))
+    np.testing.assert_array_equal(cal.fuse(cos, inl, learned=xf, learned_share=0.0), cal.fuse(cos, inl))
+    assert cal.fuse(cos, inl, learned=xf)[0, 0] > cal.fuse(cos, inl)[0, 0]   # 45 XFeat inliers: more likely
+    old = {k: v for k, v in cal.to_dict().items() if k not in ("learned", "learned_share")}
+    assert Calibration.from_dict(old).learned is None and Calibration.from_dict(old).learned_share == 0.0
