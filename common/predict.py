@@ -138,7 +138,8 @@ def _reranked(cfg, paths, table, db_emb, q_emb, inputs, tmp: Path, top_k: int):
     cal = Calibration.from_dict(read_json(paths.rerank_calibration))
     depth = min(max(int(r["shortlist"]), top_k), len(db_emb))
     cos, idx = search(db_emb, q_emb, depth, **search_options(cfg["search"]))
-    scorer = LocalScorer(table, {**r, "xfeat": uses_learned(cal)}, paths.features_dir, progress=False)
+    scorer = LocalScorer(table, {**r, "xfeat": uses_learned(cal), "xfeat_share": cal.learned_share}, paths.features_dir,
+                         progress=False)  # XFeat as the calibration weighs it, whatever the config says now
     keys = [("photo", i) for i in range(len(inputs))]
     scorer.add(keys, [("predict", f"{i:05d}_{Path(p).name}", str(p)) for i, p in enumerate(inputs)], tmp / "features")
     cos, idx, lnb, norms = lnbnn_candidates(scorer, cal, np.arange(len(table)), keys, db_emb, q_emb, cos, idx)

@@ -252,7 +252,8 @@ class LocalScorer:
         self.pair_cache = PairCache(Path(cache_dir) / "pairs.npz",
                                     {**{k: rcfg[k] for k in MATCH_KEYS}, **({} if kind == "sift" else {"kind": kind})})
         self.learned = (LocalScorer(table, rcfg, Path(cache_dir) / "xfeat", progress, "xfeat")
-                        if kind == "sift" and rcfg.get("xfeat", False) else None)
+                        if kind == "sift" and rcfg.get("xfeat", False) and rcfg.get("xfeat_share", "auto") != 0
+                        else None)  # (a share set to 0: XFeat would only cost time)
         self.seconds = {"features": 0.0, "matching": 0.0, "lnbnn": 0.0}
         self._indexes: dict = {}
         self.counts = {"cached": 0, "computed": 0, "pairs": 0, "pairs_cached": 0}

@@ -180,6 +180,9 @@ def test_rerank_off_or_weight_zero_keeps_the_embedding_ranking(comp, tmp_path):
 
 
 def test_predict_prints_and_writes_matches(comp, tmp_path):
+    # a calibration that weighs XFeat (validation may give it 0 on this tiny set): --predict matches with it too
+    assert stage("06_ensemble_submit.py", comp, "--set", "rerank.xfeat_share=0.5").returncode == 0
+    assert json.loads(comp.rerank_calibration.read_text())["learned_share"] == 0.5
     photo = comp.raw / "test" / "te_0.jpg"
     out = stage("06_ensemble_submit.py", comp, "--predict", str(photo), "--top-k", "4", "--out", str(tmp_path / "m.csv"))
     assert out.returncode == 0, out.stderr[-3000:]
