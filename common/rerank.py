@@ -333,9 +333,11 @@ class LocalScorer:
         return self._indexes[key]
 
     def matches(self, a, b):
+        """``(inlier count, (n, 2) inlier keypoint pairs)`` of one pair (table rows or keys)."""
         r = self.r
+        self.ensure([k for k in (a, b) if isinstance(k, (int, np.integer))])
         return match_pair(self.feats[a], self.feats[b], r["ratio"], r["ransac_threshold"], r["method"],
-                          r["min_matches"], return_matches=True, geometry=r["geometry"])
+                          r["min_matches"], return_matches=True, geometry=r["geometry"], matcher=MATCHERS[self.kind])
 
 
 # ---- one-vs-many descriptor scores (LNBNN) and the candidates they add -----------------------------------
@@ -849,6 +851,9 @@ def reliability_plot(pairs: dict, cal: Calibration, dest, bins: int = 10):
     a.grid(alpha=0.3)
     xs = np.linspace(0, max(cal.local["x"][-1], 1.0), 200)
     b.plot(xs, cal.p_local(xs), label=f"local: P(same) vs {score}")
+    if cal.learned is not None:
+        xl = np.linspace(0, max(cal.learned["x"][-1], 1.0), 200)
+        b.plot(xl, cal.p_learned(xl), color="C3", label="XFeat: P(same) vs its inlier count")
     b.set_xlabel(score)
     b2 = b.twiny()
     xc = np.linspace(min(cal.emb["x"][0], 0.0), 1.0, 200)
@@ -866,7 +871,8 @@ def matches_plot(scorer: LocalScorer, table: pd.DataFrame, pairs, dest):
     (green: same individual, red: not), so a user sees what matched (animal or background). With
     the query's LNBNN normalisers, inliers that count nothing in the verified LNBNN score (no closer
     than the query descriptor's 5th database neighbour: a label, a pattern many images share) are
-    drawn grey, and the title gives that score."""
+    drawn grey, and the title gives that score. With XFeat (``rerank.xfeat``) its inliers of the same
+    pair are drawn too, in blue."""
     import cv2
     import matplotlib
 
@@ -889,12 +895,19 @@ def matches_plot(scorer: LocalScorer, table: pd.DataFrame, pairs, dest):
             counts = wt > 0
             note = f", verified LNBNN {wt.sum():.2f} ({int((~counts).sum())} grey count 0)"
         same = table["Id"].iat[q] == table["Id"].iat[c] and table["Id"].iat[q] != NEW_WHALE
+        layers = [(kq, kc, m[~counts], (150, 150, 150)), (kq, kc, m[counts], (0, 200, 0) if same else (220, 0, 0))]
+        if scorer.learned is not None:  # XFeat's inliers of the same pair
+            nx, mx = scorer.learned.matches(q, c)
+            fq, fc = scorer.learned.feats[q], scorer.learned.feats[c]
+            layers.insert(0, ([cv2.KeyPoint(float(x), float(y), 1) for x, y in fq.xy],
+                              [cv2.KeyPoint(float(x), float(y), 1) for x, y in fc.xy], mx, (40, 110, 255)))
+            note += f"; XFeat {nx} inliers (blue)"
         canvas = None
-        for sel, col in ((~counts, (150, 150, 150)), (counts, (0, 200, 0) if same else (220, 0, 0))):
-            dm = [cv2.DMatch(int(a), int(b), 0.0) for a, b in m[sel]]
+        for k1, k2, pairs_, col in layers:
+            dm = [cv2.DMatch(int(a), int(b), 0.0) for a, b in pairs_]
             flags = cv2.DrawMatchesFlags_NOT_DRAW_SINGLE_POINTS | (cv2.DrawMatchesFlags_DRAW_OVER_OUTIMG
                                                                   if canvas is not None else 0)
-            canvas = cv2.drawMatches(ims[0], kq, ims[1], kc, dm, canvas, matchColor=col, flags=flags)
+            canvas = cv2.drawMatches(ims[0], k1, ims[1], k2, dm, canvas, matchColor=col, flags=flags)
         ax.imshow(canvas)
         ax.set_title(f"{table['Image'].iat[q]} ({table['Id'].iat[q]})  vs  {table['Image'].iat[c]} "
                      f"({table['Id'].iat[c]}): {n} inliers{note}", fontsize=8, color="green" if same else "red")
