@@ -261,7 +261,8 @@ class LocalScorer:
     def add(self, keys, items, cache_dir=None) -> None:
         """Features of ``items`` ``(split, name, path)`` under ``keys`` (extra images, e.g. --predict)."""
         t = time.perf_counter()
-        feats, counts = compute_features(items, cache_dir or self.cache_dir, self.r["size"], self.r["max_keypoints"],
+        kp = self.r["max_keypoints"] if self.kind == "sift" else self.r.get("xfeat_keypoints", self.r["max_keypoints"])
+        feats, counts = compute_features(items, cache_dir or self.cache_dir, self.r["size"], kp,
                                          self.r["threads"], self.progress, self.kind)
         self.feats.update(zip(keys, feats))
         for k, v in counts.items():
@@ -757,7 +758,7 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
         report["features"]["xfeat"] = dict(scorer.learned.counts)
     cal.info = {"embedding": embedding,
                 **{k_: r[k_] for k_ in ("size", "max_keypoints", *MATCH_KEYS, "lnbnn", "lnbnn_k", "lnbnn_candidates")},
-                "xfeat": cal.learned is not None,
+                "xfeat": cal.learned is not None, "xfeat_keypoints": r.get("xfeat_keypoints"),
                 "shortlist": depth}
     write_json(paths.rerank_calibration, cal.to_dict())
     reliability_plot(report.pop("pairs"), cal, paths.reliability_png)

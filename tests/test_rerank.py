@@ -127,6 +127,27 @@ def test_pair_scores_are_cached_across_scorers_until_an_image_or_setting_changes
     assert other.counts["pairs"] == 6  # other matching settings: nothing reused
 
 
+def test_the_xfeat_scorer_keeps_its_own_keypoint_budget_and_cache(tmp_path):
+    import cv2
+    from common.config import load_config
+    from common.rerank import LocalScorer
+    from test_local_features import scene, transformed
+
+    rows = []
+    for i, img in enumerate([scene(1, 200), transformed(scene(1, 200)), scene(2, 200)]):
+        p = tmp_path / f"im{i}.png"
+        cv2.imwrite(str(p), img)
+        rows.append({"split": "train", "Image": p.name, "path": str(p)})
+    r = dict(load_config(None)["rerank"], size=200, max_keypoints=300, xfeat_keypoints=60)
+    scorer = LocalScorer(pd.DataFrame(rows), r, tmp_path / "f", progress=False)
+    scorer.ensure([0, 1, 2])  # both kinds of features
+    xf = scorer.learned_scores([0], np.array([[1, 2]]))
+    assert len(scorer.feats[0]) > 60 and len(scorer.learned.feats[0]) == 60
+    assert xf[0, 0] >= 15 and xf[0, 1] <= 8, xf                  # the copy matches, the other scene not
+    assert (tmp_path / "f" / "xfeat" / "train" / "im0.png.npz").exists() and scorer.learned.counts["pairs"] == 2
+    assert LocalScorer(pd.DataFrame(rows), dict(r, xfeat_share=0.0), tmp_path / "g", progress=False).learned is None
+
+
 class _IdentityScorer:
     """Stands in for LocalScorer: many inliers for the same identity, few otherwise."""
 
