@@ -46,7 +46,6 @@ import numpy as np
 from .io import atomic_path, read_image
 
 METHODS = ("magsac", "ransac")
-KINDS = ("sift", "xfeat")
 GEOMETRIES = ("affine", "homography", "fundamental")
 
 

@@ -276,7 +276,7 @@ class LocalScorer:
         if need:
             t = self.table
             self.add(need, [(t["split"].iat[r], t["Image"].iat[r], t["path"].iat[r]) for r in need])
-        elif self.learned is not None:
+        if self.learned is not None:  # (what add just gave it is there already)
             self.learned.ensure(rows)
 
     def learned_scores(self, q_keys, idx, desc: str = "XFeat matching"):
