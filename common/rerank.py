@@ -567,6 +567,19 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     # the inlier score whose best (w, s, x) validates best; on a tie the count (listed first)
     score = max(options, key=lambda o: rank_key(fits[o][3][best(fits[o][0])], (0.0, 0.0, 0.0)))
     cal, inl, x_inl, grid = fits[score]
+    xfeat_gain = None
+    if learned is not None and cal.learned_share > 0 and len(xshares) > 1 and rcfg["select_metric"] in METRICS:
+        # one-standard-error rule: XFeat's best grid point must beat the best without it by more than the
+        # luck of the queries (a 11 x larger grid has more chances to win by noise alone)
+        g0 = max((g for g in grid if g[2] == 0.0), key=lambda g: rank_key(grid[g], g))
+        per = [query_scores(relevance(ids[q], ids, reorder(cal.fuse(cos, inl, g[0], lnb, g[1], l_inl, g[2]), idx)[1][:, :k]),
+                            n_rel, k)[rcfg["select_metric"]] for g in (best(cal), g0)]
+        d = per[0] - per[1]
+        d = d[~np.isnan(d)]
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+        xfeat_gain = {"diff": round(float(d.mean()), 5), "se": round(se, 5), "kept": bool(d.mean() > se)}
+        if not xfeat_gain["kept"]:
+            cal.weight, cal.share, cal.learned_share = g0
     fz = cal.fuse(x_cos, x_inl, lnbnn=x_lnb, learned=x_lrn)  # the chosen fusion on every calibration pair
     cal.platt = fit_platt(fz, y, w)
     out, per_query = {}, {}
@@ -586,6 +599,7 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
               "pairs_random": int(len(rq)), "positives": int(positive.sum()), "weight_mode": fw, "weight": cal.weight,
               "lnbnn": lrows is not None, "share_mode": fs, "share": cal.share, "inlier_score": score,
               "xfeat": learned is not None, "xfeat_share_mode": fx, "xfeat_share": cal.learned_share,
+              "xfeat_gain": xfeat_gain,
               "inlier_scores": {o: {"weight": c.weight, "share": c.share, "xfeat_share": c.learned_share,
                                     **{m: round(v, 5) for m, v in g[best(c)].items() if m != "n_queries"}}
                                 for o, (c, _, _, g) in fits.items()},
@@ -601,8 +615,10 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     log(f"fusion weight {cal.weight:.2f} ({'chosen on validation' if fw == 'auto' else 'set'})"
         + (f", LNBNN share {cal.share:.2f} ({'chosen on validation' if fs == 'auto' else 'set'})" if lrows else "")
         + (f", inlier score {score} ({'chosen on validation' if len(options) > 1 else 'set'})" if lrows else "")
-        + (f", XFeat share {cal.learned_share:.2f} ({'chosen on validation' if fx == 'auto' else 'set'})"
-           if learned is not None else "")
+        + (f", XFeat share {cal.learned_share:.2f} ({'chosen on validation' if fx == 'auto' else 'set'}"
+           + (f"; its best share gained {xfeat_gain['diff']:+.4f} {rcfg['select_metric']} per query, standard error "
+              f"{xfeat_gain['se']:.4f}: {'kept' if xfeat_gain['kept'] else 'not more than noise, so 0'}" if xfeat_gain else "")
+           + ")" if learned is not None else "")
         + f" on {len(q)} queries ({n_held_out} of them photos of held-out identities; the ID-mode new_whale "
         f"threshold takes the {report['n_new_queries']} of identities never trained on for new animals); "
         f"calibrated on {valid.sum()} "

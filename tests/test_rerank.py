@@ -302,6 +302,7 @@ def test_a_second_matcher_gets_the_share_of_the_local_evidence_validation_finds_
     blind.learned = _IdentityScorer(ids)
     cal, val, rep = validate(emb, table, blind, rcfg, k=5, log=lambda *a: None)
     assert cal.learned_share > 0 and rep["xfeat"] and rep["xfeat_share"] == cal.learned_share
+    assert rep["xfeat_gain"]["kept"] and rep["xfeat_gain"]["diff"] > rep["xfeat_gain"]["se"] > 0  # more than noise
     assert len(rep["pairs"]["p_xfeat"]) == len(rep["pairs"]["p_local"])
     alone = validate(emb, table, _NoiseScorer(), rcfg, k=5, log=lambda *a: None)[1]
     assert val["local"]["top1"] >= 0.9 and val["local"]["top1"] - alone["local"]["top1"] >= 0.3  # noise: embedding order
