@@ -904,8 +904,10 @@ def matches_plot(scorer: LocalScorer, table: pd.DataFrame, pairs, dest):
     for ax, (q, c, norms) in zip(axes[:, 0], pairs):
         n, m = scorer.matches(q, c)
         ims = [resize_longest(read_image(table["path"].iat[r]), size)[0] for r in (q, c)]
-        kq = [cv2.KeyPoint(float(x), float(y), 1) for x, y in scorer.feats[q].xy]
-        kc = [cv2.KeyPoint(float(x), float(y), 1) for x, y in scorer.feats[c].xy]
+        def keypoints(f):
+            return [cv2.KeyPoint(float(x), float(y), 1) for x, y in f.xy]
+
+        kq, kc = keypoints(scorer.feats[q]), keypoints(scorer.feats[c])
         counts, note = np.ones(len(m), bool), ""
         if norms is not None and len(m):
             wt = inlier_weights(scorer.feats[q].desc, scorer.feats[c].desc, m, norms)
@@ -915,9 +917,7 @@ def matches_plot(scorer: LocalScorer, table: pd.DataFrame, pairs, dest):
         layers = [(kq, kc, m[~counts], (150, 150, 150)), (kq, kc, m[counts], (0, 200, 0) if same else (220, 0, 0))]
         if scorer.learned is not None:  # XFeat's inliers of the same pair
             nx, mx = scorer.learned.matches(q, c)
-            fq, fc = scorer.learned.feats[q], scorer.learned.feats[c]
-            layers.insert(0, ([cv2.KeyPoint(float(x), float(y), 1) for x, y in fq.xy],
-                              [cv2.KeyPoint(float(x), float(y), 1) for x, y in fc.xy], mx, (40, 110, 255)))
+            layers.insert(0, (keypoints(scorer.learned.feats[q]), keypoints(scorer.learned.feats[c]), mx, (40, 110, 255)))
             note += f"; XFeat {nx} inliers (blue)"
         canvas = None
         for k1, k2, pairs_, col in layers:
