@@ -61,7 +61,9 @@ def map_at_k(hits, n_relevant, k: int = 20) -> float:
     keep = n > 0
     if not keep.any():
         return 0.0
-    return float(np.mean([average_precision_at_k(r, c, k) for r, c in zip(h[keep], n[keep])]))
+    h, denom = h[keep, :k], np.minimum(n[keep], k)  # average_precision_at_k of every row at once
+    precision = np.cumsum(h, axis=1) / np.arange(1, h.shape[1] + 1)
+    return float(np.mean(np.where(h, precision, 0.0).sum(axis=1) / denom))
 
 
 def top1(hits) -> float:

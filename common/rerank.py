@@ -95,6 +95,20 @@ def fuse_probabilities(p_emb, p_local, weight: float, fusion: str = "mean") -> n
     raise ConfigError(f"rerank.fusion must be one of {', '.join(FUSIONS)}, got {fusion!r}")
 
 
+def fuse_evidence(p: dict, weight: float, share: float = 0.0, learned_share: float = 0.0,
+                  fusion: str = "mean") -> np.ndarray:
+    """:meth:`Calibration.fuse` of the probabilities ``p`` (:meth:`Calibration.evidence`): SIFT's
+    local probability fused with LNBNN's (``share``), then with XFeat's (``learned_share``), then with
+    the embedding's (``weight`` = the local evidence's share). A missing probability or a share of 0
+    leaves its step out."""
+    p_local = p["local"]
+    if p.get("lnbnn") is not None and share > 0:
+        p_local = fuse_probabilities(p_local, p["lnbnn"], share, fusion)
+    if p.get("learned") is not None and learned_share > 0:
+        p_local = fuse_probabilities(p_local, p["learned"], learned_share, fusion)
+    return fuse_probabilities(p["emb"], p_local, weight, fusion)
+
+
 def fit_platt(score, y, weight=None) -> tuple[float, float]:
     """``(a, b)`` of ``P(same) = sigmoid(a logit(score) + b)`` fitted by weighted logistic regression
     (Platt scaling) on labelled pairs; ``(1.0, 0.0)`` (the score as it is) without both classes or
@@ -157,12 +171,13 @@ class Calibration:
         w = self.weight if weight is None else float(weight)
         sh = self.share if share is None else float(share)
         x = self.learned_share if learned_share is None else float(learned_share)
-        p_local = self.p_local(inliers)
-        if self.lnbnn is not None and lnbnn is not None and sh > 0:
-            p_local = fuse_probabilities(p_local, self.p_lnbnn(lnbnn), sh, self.fusion)
-        if self.learned is not None and learned is not None and x > 0:
-            p_local = fuse_probabilities(p_local, self.p_learned(learned), x, self.fusion)
-        return fuse_probabilities(self.p_emb(cos), p_local, w, self.fusion)
+        return fuse_evidence(self.evidence(cos, inliers, lnbnn, learned), w, sh, x, self.fusion)
+
+    def evidence(self, cos, inliers, lnbnn=None, learned=None) -> dict:
+        """The calibrated probabilities :func:`fuse_evidence` fuses (computed once for a grid of shares)."""
+        return {"emb": self.p_emb(cos), "local": self.p_local(inliers),
+                "lnbnn": None if self.lnbnn is None or lnbnn is None else self.p_lnbnn(lnbnn),
+                "learned": None if self.learned is None or learned is None else self.p_learned(learned)}
 
     def probability(self, score) -> np.ndarray:
         """P(same individual) of a fused score (:meth:`fuse`). The fused score ranks, but a weighted
@@ -555,11 +570,11 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
         o_x = np.concatenate([o_inl[valid], o_rinl])
         o_cal = fit_calibration(x_cos, o_x, y, w, local_rows, x_lnb, x_lrn)
         o_cal.fusion, o_cal.inlier_score = fusion, opt
-        o_grid = {}
+        o_grid, ev = {}, o_cal.evidence(cos, o_inl, lnb, l_inl)
         for wt in weights:
             for sh in shares:
                 for xs in xshares:
-                    f, i = reorder(o_cal.fuse(cos, o_inl, wt, lnb, sh, l_inl, xs), idx)
+                    f, i = reorder(fuse_evidence(ev, wt, sh, xs, fusion), idx)
                     o_grid[(wt, sh, xs)] = list_scores(f, i, ids[q], ids, n_rel, k)
         o_cal.weight, o_cal.share, o_cal.learned_share = max(o_grid, key=lambda g: rank_key(o_grid[g], g))
         fits[opt] = (o_cal, o_inl, o_x, o_grid)
