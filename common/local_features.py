@@ -194,6 +194,26 @@ def compute_features(images: Sequence[tuple[str, str, str]], cache_dir, size: in
     return out, counts
 
 
+def resolve_threads(value) -> int:
+    """Threads extracting and matching for ``rerank.threads``: a whole number >= 1 as given, ``auto`` =
+    the cores this process may use (each matching thread runs its own pairs with one BLAS thread,
+    :func:`match_many`).
+
+    >>> resolve_threads(3), resolve_threads("auto") >= 1
+    (3, True)
+    >>> resolve_threads(0)
+    Traceback (most recent call last):
+    common.config.ConfigError: rerank.threads must be auto or a whole number >= 1, not 0
+    """
+    from .config import ConfigError
+
+    if value == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"rerank.threads must be auto or a whole number >= 1, not {value!r}")
+    return value
+
+
 def _usac(method: str) -> int:
     import cv2
 

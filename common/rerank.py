@@ -35,7 +35,7 @@ import pandas as pd
 
 from .config import ConfigError
 from .lnbnn import inlier_weights, verified_score
-from .local_features import GEOMETRIES, MATCHERS, METHODS, PairCache, compute_features, match_many, match_pair
+from .local_features import GEOMETRIES, MATCHERS, METHODS, PairCache, compute_features, match_many, match_pair, resolve_threads
 from .evaluation import id_validation, seen_unseen
 from .metrics import NEW_WHALE, calibration_error, image_scores, kaggle_map5, paired_bootstrap, query_scores, relevance, subset_scores
 from .retrieval import l2_normalize, rank_identities, relevant_counts, search
@@ -261,6 +261,7 @@ class LocalScorer:
     def __init__(self, table: pd.DataFrame, rcfg: dict, cache_dir, progress: bool = True, kind: str = "sift"):
         _choice("geometry", rcfg["geometry"], GEOMETRIES)
         _choice("method", rcfg["method"], METHODS)
+        rcfg = {**rcfg, "threads": resolve_threads(rcfg["threads"])}
         self.table, self.r, self.cache_dir, self.progress, self.kind = table, rcfg, cache_dir, progress, kind
         self.feats: dict = {}
         self.pairs: dict = {}

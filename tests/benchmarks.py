@@ -99,7 +99,7 @@ def rerank_speed(paths: Paths, cfg: dict) -> dict:
     return {"queries": int(len(te)), "shortlist": depth, "images": scorer.counts["computed"],
             "pairs": scorer.counts["pairs"], "features_s": round(feat, 1), "matching_s": round(match, 1),
             "xfeat_s": round(xf["features"] + xf["matching"], 1), "total_s": round(feat + match, 1),
-            "threads": cfg["rerank"]["threads"], "cpu_count": os.cpu_count()}
+            "threads": resolve_threads(cfg["rerank"]["threads"]), "cpu_count": os.cpu_count()}
 
 
 def main() -> int:

@@ -86,6 +86,24 @@ def test_an_unknown_geometry_or_method_is_a_config_error_before_any_matching(tmp
             LocalScorer(pd.DataFrame(columns=["split", "Image", "path"]), {**r, key: "perspective"}, tmp_path)
 
 
+def test_threads_auto_uses_every_usable_core_and_a_bad_value_is_a_config_error(tmp_path):
+    import os
+
+    import pandas as pd
+
+    from common.config import ConfigError, load_config
+    from common.rerank import LocalScorer
+
+    r = load_config(None)["rerank"]
+    empty = pd.DataFrame(columns=["split", "Image", "path"])
+    assert r["threads"] == "auto"
+    assert LocalScorer(empty, r, tmp_path).r["threads"] == len(os.sched_getaffinity(0))
+    assert LocalScorer(empty, {**r, "threads": 1}, tmp_path).r["threads"] == 1
+    for bad in (0, "many", 1.5, True):
+        with pytest.raises(ConfigError, match="rerank.threads must be auto or a whole number >= 1"):
+            LocalScorer(empty, {**r, "threads": bad}, tmp_path)
+
+
 def test_small_images_are_upscaled_and_rootsift_is_unit_norm():
     small = cv2.resize(scene(4), (80, 60))
     up, f = resize_longest(small, 320)
