@@ -108,6 +108,38 @@ def kaggle_map5(predictions: Sequence[Sequence[str]], truth: Sequence[str]) -> f
     return total / len(truth)
 
 
+def ranked_map5(idx, query_ids: Sequence[str], db_ids: Sequence[str], n: int = 5) -> float:
+    """:func:`kaggle_map5` of the identities ranked by image lists ``idx`` (queries x ranks, -1 =
+    padding: the list ends there), each identity at the rank of its first image, ``new_whale``
+    images skipped: what ``kaggle_map5(rank_identities(.., idx, db_ids, n)[0], query_ids)`` gives
+    (common.retrieval), for every query at once.
+
+    >>> ranked_map5([[2, 0, 1, 3], [3, 1, 2, -1], [0, -1, 3, 3]], ["b", "b", "b"], ["a", "new_whale", "a", "b"])
+    0.5
+    """
+    idx = np.asarray(idx, np.int64)
+    if not len(idx):
+        return 0.0
+    db = np.asarray(db_ids, dtype=object).astype(str)
+    q = np.asarray(query_ids, dtype=object).astype(str)
+    names, codes = np.unique(np.concatenate([db, q]), return_inverse=True)
+    db_c, q_c = codes[:len(db)], codes[len(db):]
+    nw = int(np.searchsorted(names, NEW_WHALE)) if NEW_WHALE in set(names.tolist()) else -2
+    listed = np.cumprod(idx >= 0, axis=1).astype(bool)  # everything after the first padding is off the list
+    c = np.where(listed, db_c[np.clip(idx, 0, max(len(db) - 1, 0))] if len(db) else -1, -1)
+    c = np.where(c == nw, -1, c)
+    order = np.argsort(c, axis=1, kind="stable")  # equal codes keep their rank order: the first comes first
+    sc = np.take_along_axis(c, order, 1)
+    first_sorted = np.ones_like(sc, bool)
+    first_sorted[:, 1:] = sc[:, 1:] != sc[:, :-1]
+    first = np.zeros_like(first_sorted)
+    np.put_along_axis(first, order, first_sorted, 1)
+    first &= c >= 0
+    rank = np.cumsum(first, axis=1)  # identity rank of each position's identity at its first image
+    r = np.where(first & (c == q_c[:, None]) & (q_c != nw)[:, None], rank, 0).sum(1)
+    return float(np.where((r >= 1) & (r <= n), 1.0 / np.maximum(r, 1), 0.0).mean())
+
+
 def relevance(query_ids: Sequence[str], db_ids: Sequence[str], idx) -> np.ndarray:
     """Boolean hits matrix: ``db_ids[idx[q, r]] == query_ids[q]``; ``new_whale`` and ``idx == -1``
     (padding) are never hits."""

@@ -37,7 +37,8 @@ from .config import ConfigError
 from .lnbnn import inlier_weights, verified_score
 from .local_features import GEOMETRIES, MATCHERS, METHODS, PairCache, compute_features, match_many, match_pair, resolve_threads
 from .evaluation import id_validation, seen_unseen
-from .metrics import NEW_WHALE, calibration_error, image_scores, kaggle_map5, paired_bootstrap, query_scores, relevance, subset_scores
+from .metrics import (NEW_WHALE, calibration_error, image_scores, kaggle_map5, paired_bootstrap, query_scores, ranked_map5,
+                      relevance, subset_scores)
 from .retrieval import l2_normalize, rank_identities, relevant_counts, search
 from .submission import id_truth, insert_new_whale, pad_ids, tune_new_whale_threshold
 
@@ -420,12 +421,11 @@ def widen(lrows: LnbnnRows, emb, q_vec, cos, idx, n_extra: int):
 
 
 # ---- evaluation of re-ranked lists -------------------------------------------------------------------
-def list_scores(fused, idx, q_ids, ids, n_rel, k: int = 20) -> dict:
-    """Image-mode map20/top1/hit20 of re-ranked lists and ID-mode map5 (no new_whale)."""
+def list_scores(idx, q_ids, ids, n_rel, k: int = 20) -> dict:
+    """Image-mode map20/top1/hit20 of re-ranked lists ``idx`` (best first) and ID-mode map5 (no new_whale)."""
     hits = relevance(q_ids, ids, np.asarray(idx)[:, :k])
     out = image_scores(hits, n_rel, k)
-    pred, _ = rank_identities(fused, idx, ids, n=ID_N)
-    out["map5"] = kaggle_map5(pred, list(q_ids))
+    out["map5"] = ranked_map5(idx, q_ids, ids, ID_N)
     return out
 
 
@@ -575,8 +575,8 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
         for wt in weights:
             for sh in shares:
                 for xs in xshares:
-                    f, i = reorder(fuse_evidence(ev, wt, sh, xs, fusion), idx)
-                    o_grid[(wt, sh, xs)] = list_scores(f, i, ids[q], ids, n_rel, k)
+                    i = reorder(fuse_evidence(ev, wt, sh, xs, fusion), idx)[1]
+                    o_grid[(wt, sh, xs)] = list_scores(i, ids[q], ids, n_rel, k)
         o_cal.weight, o_cal.share, o_cal.learned_share = max(o_grid, key=lambda g: rank_key(o_grid[g], g))
         fits[opt] = (o_cal, o_inl, o_x, o_grid)
     best = lambda c: (c.weight, c.share, c.learned_share)  # noqa: E731
@@ -601,7 +601,7 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     out, per_query = {}, {}
     for name, wt in variants(cal.weight).items():
         f, i = reorder(cal.fuse(cos, inl, wt, lnb, learned=l_inl), idx)
-        out[name] = list_scores(f, i, ids[q], ids, n_rel, k)
+        out[name] = list_scores(i, ids[q], ids, n_rel, k)
         per_query[name] = query_scores(relevance(ids[q], ids, i[:, :k]), n_rel, k)
         nw = _nw_scores(cal.probability(f), i, ids, truth, hide, threshold)
         out[name]["map5_nw"], out[name]["new_whale_threshold"] = nw
