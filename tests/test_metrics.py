@@ -64,3 +64,30 @@ def test_paired_bootstrap_separates_a_real_gain_from_a_few_lucky_queries():
     assert luck["lo"] == 0.0 and luck["diff"] == pytest.approx(1 / 300)
     same = paired_bootstrap([0.5, np.nan, 0.2], [0.5, 0.1, 0.2])         # NaN queries left out
     assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0, "n": 2}
+
+
+def test_ranked_map5_equals_kaggle_map5_of_the_ranked_identities():
+    """The vectorised ID-mode MAP@5 of image lists (validation grid) against the per-query path:
+    repeated identities, new_whale images and queries, padding (-1) that ends a list."""
+    from common.metrics import kaggle_map5, ranked_map5
+    from common.retrieval import rank_identities
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        nq, depth, n_ids = int(rng.integers(1, 30)), int(rng.integers(1, 40)), int(rng.integers(1, 12))
+        db = ["new_whale" if rng.random() < 0.15 else f"id{rng.integers(n_ids)}" for _ in range(int(rng.integers(1, 60)))]
+        idx = rng.integers(-1, len(db), (nq, depth))
+        q = ["new_whale" if rng.random() < 0.1 else f"id{rng.integers(n_ids + 2)}" for _ in range(nq)]
+        want = kaggle_map5(rank_identities(np.zeros(idx.shape), idx, db, n=5)[0], q)
+        assert abs(ranked_map5(idx, q, db) - want) < 1e-12
+    assert ranked_map5(np.zeros((0, 3), np.int64), [], ["a"]) == 0.0
+
+
+def test_map_at_k_is_the_mean_ap_of_the_queries_with_relevant_images():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        nq, depth, k = int(rng.integers(1, 40)), int(rng.integers(1, 30)), int(rng.integers(1, 25))
+        hits, n_rel = rng.random((nq, depth)) < rng.random(), rng.integers(0, 8, nq)
+        keep = n_rel > 0
+        want = np.mean([average_precision_at_k(h, n, k) for h, n in zip(hits[keep], n_rel[keep])]) if keep.any() else 0.0
+        assert map_at_k(hits, n_rel, k) == pytest.approx(want, abs=1e-12)
