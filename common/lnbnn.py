@@ -21,6 +21,7 @@ the database's RootSIFT descriptors (exact search below ``FLAT_BELOW`` descripto
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -92,6 +93,21 @@ def inlier_weights(q_desc, c_desc, pairs, norms) -> np.ndarray:
     return np.maximum(np.asarray(norms, np.float32)[pairs[:, 0]] - d, 0.0)
 
 
+def _read_trained(path, nlist: int):
+    """The trained empty IVF index saved at ``path`` (None: no path, no file, unreadable, or not
+    ``nlist`` lists of 128-d descriptors)."""
+    import faiss
+
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError:  # (faiss raises RuntimeError on a truncated or foreign file)
+        return None
+    ok = isinstance(index, faiss.IndexIVF) and index.is_trained and index.ntotal == 0 and index.nlist == nlist
+    return index if ok and index.d == 128 else None
+
+
 class DescriptorIndex:
     """The descriptors of ``feats[i]`` for the database ``rows`` (table row numbers), searchable.
 
@@ -104,7 +120,10 @@ class DescriptorIndex:
     (1, 0.0)
     """
 
-    def __init__(self, feats: dict, rows: Sequence[int], n_images: int, k: int = 4, seed: int = 0):
+    def __init__(self, feats: dict, rows: Sequence[int], n_images: int, k: int = 4, seed: int = 0, trained=None):
+        """``trained``: a file for the trained, still empty IVF index (its k-means lists, the 8-bit
+        codes' ranges), read when there and written when not: the caller names it by what it was
+        trained on (:meth:`common.rerank.LocalScorer.lnbnn_index`), so a rerun skips the training."""
         import faiss
 
         rows = [int(r) for r in rows if len(feats[int(r)])]
@@ -112,18 +131,26 @@ class DescriptorIndex:
         self.owner = np.concatenate([np.full(len(feats[r]), r, np.int64) for r in rows]) if rows else np.zeros(0, np.int64)
         x = np.ascontiguousarray(np.concatenate([feats[r].desc for r in rows]).astype(np.float32)) if rows \
             else np.zeros((0, 128), np.float32)
-        self.n = len(x)
+        self.n, self.trained_from_cache = len(x), False
         if self.n < FLAT_BELOW:
             self.index = faiss.IndexFlatL2(128)
         else:
             nlist = int(4 * np.sqrt(self.n))
-            if self.n < SQ8_ABOVE:
-                self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(128), 128, nlist)
-            else:  # 8-bit codes: a quarter of float32's memory (SIFT is 8-bit data to begin with)
-                self.index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(128), 128, nlist,
-                                                           faiss.ScalarQuantizer.QT_8bit)
-            pick = np.random.default_rng(seed).choice(self.n, size=min(self.n, 64 * nlist), replace=False)
-            self.index.train(x[np.sort(pick)])
+            self.index = _read_trained(trained, nlist)
+            self.trained_from_cache = self.index is not None
+            if self.index is None:
+                if self.n < SQ8_ABOVE:
+                    self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(128), 128, nlist)
+                else:  # 8-bit codes: a quarter of float32's memory (SIFT is 8-bit data to begin with)
+                    self.index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatL2(128), 128, nlist,
+                                                               faiss.ScalarQuantizer.QT_8bit)
+                pick = np.random.default_rng(seed).choice(self.n, size=min(self.n, 64 * nlist), replace=False)
+                self.index.train(x[np.sort(pick)])
+                if trained is not None:
+                    from .io import atomic_path
+
+                    with atomic_path(trained) as tmp:
+                        faiss.write_index(self.index, str(tmp))
             self.index.nprobe = NPROBE
         self.index.add(x)
 

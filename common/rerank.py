@@ -346,7 +346,12 @@ class LocalScorer:
         if key not in self._indexes:
             self.ensure(rows)
             t = time.perf_counter()
-            self._indexes[key] = DescriptorIndex(self.feats, rows, len(self.table), int(k), int(self.r["seed"]))
+            # the trained IVF lists are kept under a name made of what they were trained on (each image's
+            # feature key: path, mtime, size, settings), so stage 06 reuses stage 05's and a rerun its own
+            fkeys = [self.feats[int(r)].key for r in rows]
+            trained = None if not all(fkeys) else Path(self.cache_dir) / "lnbnn" / (hashlib.blake2b(
+                "\0".join([*fkeys, f"seed={self.r['seed']}"]).encode(), digest_size=12).hexdigest() + ".faiss")
+            self._indexes[key] = DescriptorIndex(self.feats, rows, len(self.table), int(k), int(self.r["seed"]), trained)
             self.seconds["lnbnn"] += time.perf_counter() - t
         return self._indexes[key]
 

@@ -26,6 +26,23 @@ def test_lnbnn_finds_the_transformed_copy_among_unrelated_images(gallery, monkey
     assert own[3] == 0.0 and own.max() < s[3]
 
 
+@pytest.mark.parametrize("sq8_above", [10**9, 100])  # IVF, IVF 8-bit
+def test_the_trained_ivf_lists_are_kept_and_reused_with_the_same_scores(gallery, monkeypatch, tmp_path, sq8_above):
+    monkeypatch.setattr(lnbnn, "FLAT_BELOW", 100)
+    monkeypatch.setattr(lnbnn, "SQ8_ABOVE", sq8_above)
+    trained = tmp_path / "lnbnn" / "t.faiss"
+    first = DescriptorIndex(gallery, [0, 1, 2, 3, 4, 5], n_images=7, k=4, trained=trained)
+    assert trained.exists() and not first.trained_from_cache
+    stamp = trained.stat().st_mtime_ns
+    again = DescriptorIndex(gallery, [0, 1, 2, 3, 4, 5], n_images=7, k=4, trained=trained)
+    assert again.trained_from_cache and trained.stat().st_mtime_ns == stamp
+    np.testing.assert_array_equal(again.scores(gallery[6].desc, exclude=None), first.scores(gallery[6].desc, exclude=None))
+    other = DescriptorIndex(gallery, [0, 1, 2, 3], n_images=7, k=4, trained=trained)  # other lists: trained afresh
+    assert not other.trained_from_cache
+    trained.write_bytes(b"not an index")                                           # unreadable: trained afresh
+    assert not DescriptorIndex(gallery, [0, 1, 2, 3], n_images=7, k=4, trained=trained).trained_from_cache
+
+
 def test_lnbnn_score_is_distance_margin_to_the_normaliser():
     owner = np.array([0, 1, 1, 2])
     d2 = np.array([[0.0, 1.0, 4.0, 9.0]])                     # distances 0 1 2 3; k = 2: normaliser 2

@@ -127,6 +127,37 @@ def test_pair_scores_are_cached_across_scorers_until_an_image_or_setting_changes
     assert other.counts["pairs"] == 6  # other matching settings: nothing reused
 
 
+def test_the_lnbnn_index_reuses_ivf_lists_trained_on_the_same_images(tmp_path, monkeypatch):
+    """A second scorer (stage 06 after stage 05, or a rerun) over the same images reads the trained
+    IVF lists back instead of training them; a changed image trains new ones."""
+    import os
+
+    import cv2
+    import common.lnbnn as lnbnn
+    from common.config import load_config
+    from common.rerank import LocalScorer
+    from test_local_features import scene
+
+    monkeypatch.setattr(lnbnn, "FLAT_BELOW", 100)
+    rows = []
+    for i in range(4):
+        p = tmp_path / f"im{i}.png"
+        cv2.imwrite(str(p), scene(i, 200))
+        rows.append({"split": "train", "Image": p.name, "path": str(p)})
+    table = pd.DataFrame(rows)
+    r = dict(load_config(None)["rerank"], size=200, max_keypoints=200, xfeat=False)
+    scorer = LocalScorer(table, r, tmp_path / "f", progress=False)
+    first = scorer.lnbnn_index([0, 1, 2, 3], 4)
+    assert not first.trained_from_cache and len(list((tmp_path / "f" / "lnbnn").glob("*.faiss"))) == 1
+    again = LocalScorer(table, r, tmp_path / "f", progress=False).lnbnn_index([0, 1, 2, 3], 4)
+    assert again.trained_from_cache
+    query = scorer.feats[1].desc
+    np.testing.assert_array_equal(again.scores(query, exclude=1), first.scores(query, exclude=1))
+    cv2.imwrite(rows[3]["path"], scene(9, 200))
+    os.utime(rows[3]["path"], ns=(1, 1))
+    assert not LocalScorer(table, r, tmp_path / "f", progress=False).lnbnn_index([0, 1, 2, 3], 4).trained_from_cache
+
+
 def test_the_xfeat_scorer_keeps_its_own_keypoint_budget_and_cache(tmp_path):
     import cv2
     from common.config import load_config
