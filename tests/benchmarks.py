@@ -79,6 +79,7 @@ def rerank_speed(paths: Paths, cfg: dict) -> dict:
 
     from common.config import member_config
     from common.embedding_store import embed_members
+    from common.local_features import resolve_threads
     from common.rerank import LocalScorer, shortlist
     from common.retrieval import meta_embedding
 
