@@ -920,14 +920,14 @@ def matches_plot(scorer: LocalScorer, table: pd.DataFrame, pairs, dest):
     from .io import read_image, save_figure
     from .local_features import resize_longest
 
+    def keypoints(f):
+        return [cv2.KeyPoint(float(x), float(y), 1) for x, y in f.xy]
+
     size = int(scorer.r["size"])
     fig, axes = plt.subplots(max(1, len(pairs)), 1, figsize=(8, 3.2 * max(1, len(pairs))), squeeze=False)
     for ax, (q, c, norms) in zip(axes[:, 0], pairs):
         n, m = scorer.matches(q, c)
         ims = [resize_longest(read_image(table["path"].iat[r]), size)[0] for r in (q, c)]
-        def keypoints(f):
-            return [cv2.KeyPoint(float(x), float(y), 1) for x, y in f.xy]
-
         kq, kc = keypoints(scorer.feats[q]), keypoints(scorer.feats[c])
         counts, note = np.ones(len(m), bool), ""
         if norms is not None and len(m):
