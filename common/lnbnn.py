@@ -26,6 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
+KEEP_TRAINED = 8       # trained IVF lists kept per feature folder: the most recently used (a changed crop trains anew)
 FLAT_BELOW = 50_000   # descriptors: exact search below, IVF (4 sqrt(n) lists, nprobe 16) from there
 SQ8_ABOVE = 2_000_000  # descriptors: IVF lists hold 8-bit codes instead of float32 from there (1 GB of float32)
 NPROBE = 16
@@ -93,6 +94,25 @@ def inlier_weights(q_desc, c_desc, pairs, norms) -> np.ndarray:
     return np.maximum(np.asarray(norms, np.float32)[pairs[:, 0]] - d, 0.0)
 
 
+def prune_trained(folder, keep: int | None = None) -> list[Path]:
+    """Delete all but the ``keep`` (default ``KEEP_TRAINED``) most recently used trained lists (``*.faiss``, by mtime: a reuse
+    touches its file) in ``folder``; returns the deleted paths. Each changed crop or setting trains
+    lists under a new name, so without this a folder that is experimented in only grows.
+
+    >>> import os, tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for i in range(4):
+    ...     _ = (d / f"{i}.faiss").write_bytes(b"x"); os.utime(d / f"{i}.faiss", (i, i))
+    >>> [p.name for p in prune_trained(d, keep=2)], sorted(p.name for p in d.iterdir())
+    (['1.faiss', '0.faiss'], ['2.faiss', '3.faiss'])
+    """
+    files = sorted(Path(folder).glob("*.faiss"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    gone = files[int(KEEP_TRAINED if keep is None else keep):]
+    for p in gone:
+        p.unlink(missing_ok=True)
+    return gone
+
+
 def _read_trained(path, nlist: int):
     """The trained empty IVF index saved at ``path`` (None: no path, no file, unreadable, or not
     ``nlist`` lists of 128-d descriptors)."""
@@ -138,6 +158,8 @@ class DescriptorIndex:
             nlist = int(4 * np.sqrt(self.n))
             self.index = _read_trained(trained, nlist)
             self.trained_from_cache = self.index is not None
+            if self.trained_from_cache:
+                Path(trained).touch()  # (its mtime says when it was last used: prune_trained keeps the newest)
             if self.index is None:
                 if self.n < SQ8_ABOVE:
                     self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(128), 128, nlist)
@@ -151,6 +173,7 @@ class DescriptorIndex:
 
                     with atomic_path(trained) as tmp:
                         faiss.write_index(self.index, str(tmp))
+                    prune_trained(Path(trained).parent)
             self.index.nprobe = NPROBE
         self.index.add(x)
 

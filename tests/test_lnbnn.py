@@ -33,14 +33,31 @@ def test_the_trained_ivf_lists_are_kept_and_reused_with_the_same_scores(gallery,
     trained = tmp_path / "lnbnn" / "t.faiss"
     first = DescriptorIndex(gallery, [0, 1, 2, 3, 4, 5], n_images=7, k=4, trained=trained)
     assert trained.exists() and not first.trained_from_cache
-    stamp = trained.stat().st_mtime_ns
+    saved = trained.read_bytes()
     again = DescriptorIndex(gallery, [0, 1, 2, 3, 4, 5], n_images=7, k=4, trained=trained)
-    assert again.trained_from_cache and trained.stat().st_mtime_ns == stamp
+    assert again.trained_from_cache and trained.read_bytes() == saved               # read, not written again
     np.testing.assert_array_equal(again.scores(gallery[6].desc, exclude=None), first.scores(gallery[6].desc, exclude=None))
     other = DescriptorIndex(gallery, [0, 1, 2, 3], n_images=7, k=4, trained=trained)  # other lists: trained afresh
     assert not other.trained_from_cache
     trained.write_bytes(b"not an index")                                           # unreadable: trained afresh
     assert not DescriptorIndex(gallery, [0, 1, 2, 3], n_images=7, k=4, trained=trained).trained_from_cache
+
+
+def test_only_the_most_recently_used_trained_lists_are_kept(gallery, monkeypatch, tmp_path):
+    """Each new image set trains lists under a new name; the folder keeps the KEEP_TRAINED most
+    recently used (a reuse counts as a use), so experimenting does not fill the disk."""
+    import os
+
+    monkeypatch.setattr(lnbnn, "FLAT_BELOW", 100)
+    monkeypatch.setattr(lnbnn, "KEEP_TRAINED", 2)
+    folder = tmp_path / "lnbnn"
+    sets = {"a": [0, 1, 2, 3], "b": [1, 2, 3, 4], "c": [2, 3, 4, 5]}
+    for age, name in enumerate(("a", "b")):
+        DescriptorIndex(gallery, sets[name], n_images=7, k=4, trained=folder / f"{name}.faiss")
+        os.utime(folder / f"{name}.faiss", (age + 1, age + 1))                      # a used long ago, b later
+    assert DescriptorIndex(gallery, sets["a"], n_images=7, k=4, trained=folder / "a.faiss").trained_from_cache
+    DescriptorIndex(gallery, sets["c"], n_images=7, k=4, trained=folder / "c.faiss")  # a third set: b goes
+    assert sorted(p.name for p in folder.iterdir()) == ["a.faiss", "c.faiss"]
 
 
 def test_lnbnn_score_is_distance_margin_to_the_normaliser():
