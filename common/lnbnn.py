@@ -95,9 +95,10 @@ def inlier_weights(q_desc, c_desc, pairs, norms) -> np.ndarray:
 
 
 def prune_trained(folder, keep: int | None = None) -> list[Path]:
-    """Delete all but the ``keep`` (default ``KEEP_TRAINED``) most recently used trained lists (``*.faiss``, by mtime: a reuse
-    touches its file) in ``folder``; returns the deleted paths. Each changed crop or setting trains
-    lists under a new name, so without this a folder that is experimented in only grows.
+    """Delete all but the ``keep`` (default ``KEEP_TRAINED``) most recently used trained lists
+    (``*.faiss``, by mtime: a reuse touches its file) in ``folder``; returns the deleted paths. Each
+    changed crop or setting trains lists under a new name, so without this a folder that is
+    experimented in only grows.
 
     >>> import os, tempfile
     >>> d = Path(tempfile.mkdtemp())
@@ -158,8 +159,11 @@ class DescriptorIndex:
             nlist = int(4 * np.sqrt(self.n))
             self.index = _read_trained(trained, nlist)
             self.trained_from_cache = self.index is not None
-            if self.trained_from_cache:
-                Path(trained).touch()  # (its mtime says when it was last used: prune_trained keeps the newest)
+            if self.trained_from_cache:  # its mtime says when it was last used: prune_trained keeps the newest
+                try:
+                    Path(trained).touch()
+                except OSError:  # (a read-only cache still serves)
+                    pass
             if self.index is None:
                 if self.n < SQ8_ABOVE:
                     self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(128), 128, nlist)
