@@ -786,10 +786,10 @@ def run(cfg: dict, paths, table: pd.DataFrame, emb, truth, fallback_ids, groups=
                 report["calibration_error"]["test"] = truth_recalibration(cal, f1, i1, rel)
         if name == "fused":
             lists = {"image_idx": i1[:, :k], "id_preds": preds, "threshold": thr[name]}
-    report["seconds"] = {**{k_: round(v, 1) for k_, v in scorer.seconds.items()},
-                         **({f"xfeat_{k_}": round(v, 1) for k_, v in scorer.learned.seconds.items() if k_ != "lnbnn"}
+    report["seconds"] = {**{k_: round(v, 3) for k_, v in scorer.seconds.items()},
+                         **({f"xfeat_{k_}": round(v, 3) for k_, v in scorer.learned.seconds.items() if k_ != "lnbnn"}
                             if scorer.learned is not None else {}),
-                         "total": round(time.perf_counter() - t0, 1)}
+                         "total": round(time.perf_counter() - t0, 3)}
     report["features"] = {k_: v for k_, v in scorer.counts.items()}
     if scorer.learned is not None:
         report["features"]["xfeat"] = dict(scorer.learned.counts)

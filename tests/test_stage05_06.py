@@ -143,7 +143,8 @@ def test_stage06_writes_valid_submissions_and_reuses_embeddings(comp):
     assert json.loads(comp.rerank_calibration.read_text())["inlier_score"] == rep["inlier_score"]
     # rerank.xfeat (default on): every image's XFeat features, every validation pair matched, a share chosen
     assert rep["xfeat"] and 0 <= rep["xfeat_share"] <= 1 and rep["features"]["xfeat"]["computed"] == len(db)
-    assert rep["seconds"]["xfeat_matching"] > 0 and len(rep["grid"]) == 11 ** 3 and "XFeat share" in out.stdout
+    assert rep["features"]["xfeat"]["pairs"] > 0 and rep["seconds"]["xfeat_matching"] > 0  # (seconds kept to 1 ms)
+    assert len(rep["grid"]) == 11 ** 3 and "XFeat share" in out.stdout
     for s in scores["scores"].values():
         assert 0 <= s["val"]["map20"] <= 1 and s["val"]["n_queries"] == N_IDS // 2
         assert 0 <= s["test"]["map5_nw"] <= 1
