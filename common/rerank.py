@@ -257,7 +257,8 @@ class LocalScorer:
     the per-image cache, each pair matched once (its inlier count kept in ``cache_dir/pairs.npz``
     for later stages and reruns). ``kind``: sift, or xfeat (:mod:`common.local_features`). A SIFT
     scorer with ``rerank.xfeat`` on holds the XFeat one as :attr:`learned` (cached under
-    ``cache_dir/xfeat``), which :meth:`add` and :meth:`ensure` feed the same images."""
+    ``cache_dir/xfeat``), which :meth:`add` feeds the same extra images; table rows it computes
+    as its own pairs need them."""
 
     def __init__(self, table: pd.DataFrame, rcfg: dict, cache_dir, progress: bool = True, kind: str = "sift"):
         _choice("geometry", rcfg["geometry"], GEOMETRIES)
@@ -276,7 +277,13 @@ class LocalScorer:
         self.counts = {"cached": 0, "computed": 0, "pairs": 0, "pairs_cached": 0}
 
     def add(self, keys, items, cache_dir=None) -> None:
-        """Features of ``items`` ``(split, name, path)`` under ``keys`` (extra images, e.g. --predict)."""
+        """Features of ``items`` ``(split, name, path)`` under ``keys`` (extra images, e.g. --predict),
+        XFeat's too when :attr:`learned` is there."""
+        self._compute(keys, items, cache_dir)
+        if self.learned is not None:
+            self.learned.add(keys, items, None if cache_dir is None else Path(cache_dir) / "xfeat")
+
+    def _compute(self, keys, items, cache_dir=None) -> None:
         t = time.perf_counter()
         kp = self.r["max_keypoints"] if self.kind == "sift" else self.r.get("xfeat_keypoints", self.r["max_keypoints"])
         feats, counts = compute_features(items, cache_dir or self.cache_dir, self.r["size"], kp,
@@ -285,16 +292,14 @@ class LocalScorer:
         for k, v in counts.items():
             self.counts[k] += v
         self.seconds["features"] += time.perf_counter() - t
-        if self.learned is not None:
-            self.learned.add(keys, items, None if cache_dir is None else Path(cache_dir) / "xfeat")
 
     def ensure(self, rows) -> None:
+        """Features of table ``rows`` (-1 padding ignored). Not XFeat's: :attr:`learned` computes
+        its own when its pairs are matched, so a share validated to 0 costs no test image's."""
         need = sorted({int(r) for r in np.asarray(rows).ravel() if r >= 0} - set(self.feats))
         if need:
             t = self.table
-            self.add(need, [(t["split"].iat[r], t["Image"].iat[r], t["path"].iat[r]) for r in need])
-        if self.learned is not None:  # (what add just gave it is there already)
-            self.learned.ensure(rows)
+            self._compute(need, [(t["split"].iat[r], t["Image"].iat[r], t["path"].iat[r]) for r in need])
 
     def learned_scores(self, q_keys, idx, desc: str = "XFeat matching"):
         """XFeat inlier counts of the same pairs as :meth:`scores`, or None without ``rerank.xfeat``."""

@@ -141,8 +141,11 @@ def test_stage06_writes_valid_submissions_and_reuses_embeddings(comp):
     got = rep["inlier_scores"]
     assert set(got) == {"count", "lnbnn"} and got[rep["inlier_score"]]["map20"] == max(g["map20"] for g in got.values())
     assert json.loads(comp.rerank_calibration.read_text())["inlier_score"] == rep["inlier_score"]
-    # rerank.xfeat (default on): every image's XFeat features, every validation pair matched, a share chosen
-    assert rep["xfeat"] and 0 <= rep["xfeat_share"] <= 1 and rep["features"]["xfeat"]["computed"] == len(db)
+    # rerank.xfeat (default on): every validation pair matched, a share chosen; XFeat features of the
+    # test photos only when that share is used (validation matches training photos only)
+    xf, n_train = rep["features"]["xfeat"], len(pd.read_csv(comp.clean_train_csv))
+    assert rep["xfeat"] and 0 <= rep["xfeat_share"] <= 1 and rep["features"]["computed"] == len(db)
+    assert xf["computed"] == (len(db) if rep["xfeat_share"] > 0 else n_train), (xf, rep["xfeat_share"])
     assert rep["features"]["xfeat"]["pairs"] > 0 and rep["seconds"]["xfeat_matching"] > 0  # (seconds kept to 1 ms)
     assert len(rep["grid"]) == 11 ** 3 and "XFeat share" in out.stdout
     for s in scores["scores"].values():
