@@ -48,17 +48,40 @@ GRID = tuple(round(float(w), 2) for w in np.linspace(0.0, 1.0, 11))
 
 
 # ---- calibration and fusion ---------------------------------------------------------------------
-def fit_isotonic(x, y, weight=None) -> dict:
-    """Non-decreasing map score -> P(same) as breakpoints ``{"x": [...], "y": [...]}``
-    (linear in between, clipped outside: :meth:`sklearn.isotonic.IsotonicRegression.predict`)."""
+CURVES = ("centered", "isotonic")
+
+
+def fit_isotonic(x, y, weight=None, curve: str = "centered") -> dict:
+    """Non-decreasing map score -> P(same) as breakpoints ``{"x": [...], "y": [...]}``, linear in
+    between and clipped outside (:func:`apply_isotonic`), fitted by isotonic regression (scikit-learn).
+
+    ``isotonic``: its step function (:meth:`sklearn.isotonic.IsotonicRegression.predict`), flat over
+    each block of scores the fit pools, so two candidates of one block tie and the other score of
+    the fusion alone orders them. ``centered`` (centered isotonic regression, Oron & Flournoy 2017):
+    one breakpoint per pooled block, at its pairs' weighted mean score, so the map rises strictly
+    between the first and the last block and keeps the score's order; the same levels, a smaller
+    error out of sample.
+
+    >>> fit_isotonic([0, 1, 2, 3], [0, 1, 0, 1], curve="isotonic")
+    {'x': [0.0, 1.0, 2.0, 3.0], 'y': [0.0, 0.5, 0.5, 1.0]}
+    >>> fit_isotonic([0, 1, 2, 3], [0, 1, 0, 1])
+    {'x': [0.0, 1.5, 3.0], 'y': [0.0, 0.5, 1.0]}
+    """
     from sklearn.isotonic import IsotonicRegression
 
+    _choice("calibration", curve, CURVES)
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(x) == 0:
         return {"x": [0.0], "y": [0.0]}
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip")
     iso.fit(x, y, sample_weight=weight)
-    return {"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
+    if curve == "isotonic":
+        return {"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
+    level = iso.predict(x)
+    wt = np.ones_like(x) if weight is None else np.asarray(weight, np.float64)
+    levels, block = np.unique(level, return_inverse=True)
+    centre = np.bincount(block, wt * x) / np.bincount(block, wt)
+    return {"x": centre.tolist(), "y": levels.tolist()}
 
 
 def apply_isotonic(curve: dict, x) -> np.ndarray:
@@ -215,15 +238,18 @@ def inlier_norms(inlier_score: str, lrows: "LnbnnRows | None"):
     return lrows.norms if (inlier_score == "lnbnn" and lrows is not None) else None
 
 
-def fit_calibration(cos, inliers, same, weight=None, local_rows=None, lnbnn=None, learned=None) -> Calibration:
-    """Isotonic calibrations of cosine, inlier count (and LNBNN score, XFeat inlier count) on labelled
-    pairs (``same``: bool); ``local_rows`` (bool mask or indices) restricts the inlier-count fits to those pairs."""
+def fit_calibration(cos, inliers, same, weight=None, local_rows=None, lnbnn=None, learned=None,
+                    curve: str = "centered") -> Calibration:
+    """Isotonic calibrations (:func:`fit_isotonic`, ``curve``) of cosine, inlier count (and LNBNN score,
+    XFeat inlier count) on labelled pairs (``same``: bool); ``local_rows`` (bool mask or indices)
+    restricts the inlier-count fits to those pairs."""
     same = np.asarray(same, dtype=np.float64)
     sel = slice(None) if local_rows is None else np.asarray(local_rows)
     w_local = None if weight is None else np.asarray(weight, np.float64)[sel]
-    cal = Calibration(fit_isotonic(cos, same, weight), fit_isotonic(np.asarray(inliers)[sel], same[sel], w_local))
-    cal.lnbnn = None if lnbnn is None else fit_isotonic(lnbnn, same, weight)
-    cal.learned = None if learned is None else fit_isotonic(np.asarray(learned)[sel], same[sel], w_local)
+    cal = Calibration(fit_isotonic(cos, same, weight, curve),
+                      fit_isotonic(np.asarray(inliers)[sel], same[sel], w_local, curve))
+    cal.lnbnn = None if lnbnn is None else fit_isotonic(lnbnn, same, weight, curve)
+    cal.learned = None if learned is None else fit_isotonic(np.asarray(learned)[sel], same[sel], w_local, curve)
     return cal
 
 
@@ -525,6 +551,7 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     None = tuned here. Returns ``(calibration, {variant: val scores}, report)``."""
     search_kw = search_kw or {}
     local_fit = _choice("local_calibration", rcfg["local_calibration"], LOCAL_CALIBRATION)
+    curve = _choice("calibration", rcfg.get("calibration", "centered"), CURVES)
     tr = np.flatnonzero((table["split"] == "train").to_numpy())
     q = validation_queries(table, rcfg["val_queries"])
     n_held_out = int(len(q) - table["is_query"].to_numpy()[q].astype(bool).sum())
@@ -579,7 +606,7 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
                                 None if norms is None else [norms[pos[int(a)]] for a in rq])[:, 0]
                   if len(rq) else np.zeros(0))
         o_x = np.concatenate([o_inl[valid], o_rinl])
-        o_cal = fit_calibration(x_cos, o_x, y, w, local_rows, x_lnb, x_lrn)
+        o_cal = fit_calibration(x_cos, o_x, y, w, local_rows, x_lnb, x_lrn, curve)
         o_cal.fusion, o_cal.inlier_score = fusion, opt
         o_grid, ev = {}, o_cal.evidence(cos, o_inl, lnb, l_inl)
         for wt in weights:
@@ -622,7 +649,8 @@ def validate(emb, table: pd.DataFrame, scorer: LocalScorer, rcfg: dict, k: int =
     positive = y.astype(bool)
     report = {"n_queries": int(len(q)), "val_queries": rcfg["val_queries"], "n_held_out_queries": n_held_out,
               "n_new_queries": sum(t == NEW_WHALE for t in truth), "shortlist": depth, "pairs_shortlist": int(valid.sum()),
-              "pairs_random": int(len(rq)), "positives": int(positive.sum()), "weight_mode": fw, "weight": cal.weight,
+              "pairs_random": int(len(rq)), "positives": int(positive.sum()), "calibration": curve,
+              "weight_mode": fw, "weight": cal.weight,
               "lnbnn": lrows is not None, "share_mode": fs, "share": cal.share, "inlier_score": score,
               "xfeat": learned is not None, "xfeat_share_mode": fx, "xfeat_share": cal.learned_share,
               "xfeat_gain": xfeat_gain,
