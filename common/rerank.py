@@ -59,8 +59,8 @@ def fit_isotonic(x, y, weight=None, curve: str = "centered") -> dict:
     each block of scores the fit pools, so two candidates of one block tie and the other score of
     the fusion alone orders them. ``centered`` (centered isotonic regression, Oron & Flournoy 2017):
     one breakpoint per pooled block, at its pairs' weighted mean score, so the map rises strictly
-    between the first and the last block and keeps the score's order; the same levels, a smaller
-    error out of sample.
+    between the first and the last block and keeps the score's order; the same levels (README:
+    measured against the step function).
 
     >>> fit_isotonic([0, 1, 2, 3], [0, 1, 0, 1], curve="isotonic")
     {'x': [0.0, 1.0, 2.0, 3.0], 'y': [0.0, 0.5, 0.5, 1.0]}
