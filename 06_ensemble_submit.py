@@ -75,13 +75,13 @@ def main() -> int:
     retrieval_gallery(embs[final], table, paths.gallery_png, truth, search["gallery_queries"], search["gallery_k"],
                       **index)
     extra = {"rerank": {"weight": reranked["calibration"].weight, "new_whale_threshold": threshold}} if reranked else {}
-    seconds = {"stage": round(time.perf_counter() - t0, 1), **({f"rerank_{k}": v for k, v in reranked["seconds"].items()}
+    seconds = {"stage": round(time.perf_counter() - t0, 3), **({f"rerank_{k}": v for k, v in reranked["seconds"].items()}
                                                               if reranked else {})}
     write_json(paths.scores_json, {"final": final, "weights": weights, "scores": scores, "search": recall, **report,
                                    **extra, "seconds": seconds})
     if reranked:
-        print(f"stage 06: {seconds['stage']} s, of which local features {seconds['rerank_features']} s and "
-              f"local matching {seconds['rerank_matching']} s ({seconds['rerank_matching'] / max(seconds['stage'], 1e-9):.0%})")
+        print(f"stage 06: {seconds['stage']:.1f} s, of which local features {seconds['rerank_features']:.1f} s and "
+              f"local matching {seconds['rerank_matching']:.1f} s ({seconds['rerank_matching'] / max(seconds['stage'], 1e-9):.0%})")
     print(f"wrote {paths.submission_csv}, {paths.submission_ids_csv}, {paths.scores_json}, {paths.gallery_png}"
           + (f", {paths.rerank_dir}/" if reranked else ""))
     return 0
